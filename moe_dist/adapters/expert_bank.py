@@ -1,0 +1,116 @@
+"""Ragged per-expert LoRA for the experts one rank owns.
+
+Shape legend: e local experts, G experts in one rank bucket, I in-features, O out-features,
+R adapter rank (Rp: R padded to grouped-mm alignment).
+
+Each (expert, projection) adapter is its own pair of Parameters (PEFT layout: A is R x I,
+B is O x R) with a logical key, so prune, grow, move and checkpoint act on one adapter at a
+time and ZeRO keeps per-parameter optimizer state. For compute, the adapters of a projection
+are grouped by rank into buckets; each bucket runs as two grouped matmuls over the rows of
+its experts. Experts with rank 0 are in no bucket and cost nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from moe_dist.adapters.lora import LoRAConfig, init_lora_A
+from moe_dist.plan import expert_param_key
+
+
+@dataclass(frozen=True)
+class RankBucket:
+    """Local slots of one projection's adapters that share a rank (so they stack)."""
+
+    proj: str
+    rank: int
+    slots: tuple[int, ...]
+    names: tuple[str, ...]  # ParameterDict keys, in slot order
+    scale: float
+
+    @property
+    def contiguous(self) -> bool:
+        return self.slots == tuple(range(self.slots[0], self.slots[-1] + 1))
+
+
+def grouped_mm_alignment(dtype: torch.dtype) -> int:
+    """torch._grouped_mm wants 16-byte strides: rank multiple of 4 in fp32, 8 in bf16."""
+    return max(1, 16 // torch.empty((), dtype=dtype).element_size())
+
+
+class ExpertLoRABank(nn.Module):
+    def __init__(
+        self,
+        layer: int,
+        local_experts: Sequence[int],
+        ranks: Mapping[tuple[int, str], int],
+        dims: Mapping[str, tuple[int, int]],
+        config: LoRAConfig,
+        lori: bool = False,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.layer = layer
+        self.local_experts = list(local_experts)
+        self.config = config
+        self.lori = lori
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self._keys: dict[str, tuple[int, str]] = {}
+        buckets: dict[tuple[str, int], list[tuple[int, str]]] = {}
+        for slot, expert in enumerate(self.local_experts):
+            for proj, (in_f, out_f) in dims.items():
+                r = ranks.get((expert, proj), 0)
+                if r == 0:
+                    continue
+                name = f"{expert}_{proj}"
+                a = init_lora_A(r, in_f, expert_param_key(layer, expert, proj, "lora_A"), config.seed)
+                self.lora_A[name] = nn.Parameter(a.to(device), requires_grad=not lori)
+                self.lora_B[name] = nn.Parameter(torch.zeros(out_f, r, device=device))
+                if lori:
+                    self.register_buffer(f"mask_{name}", torch.ones(out_f, r, device=device), persistent=False)
+                self._keys[name] = (expert, proj)
+                buckets.setdefault((proj, r), []).append((slot, name))
+        self.buckets: dict[str, list[RankBucket]] = {p: [] for p in dims}
+        for (proj, r), members in sorted(buckets.items()):
+            self.buckets[proj].append(
+                RankBucket(proj, r, tuple(s for s, _ in members), tuple(n for _, n in members), config.scale(r))
+            )
+
+    def has_adapters(self) -> bool:
+        return len(self._keys) > 0
+
+    def stacked(self, bucket: RankBucket, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_GIRp, B_GRpO) for grouped matmul, scale folded into B, LoRI mask applied,
+        rank zero-padded to the grouped-mm alignment (padding adds exact zeros)."""
+        A_GRI = torch.stack([self.lora_A[n] for n in bucket.names]).to(dtype)
+        Bs = [self.lora_B[n] for n in bucket.names]
+        if self.lori:
+            Bs = [b * getattr(self, f"mask_{n}") for b, n in zip(Bs, bucket.names)]
+        B_GOR = torch.stack(Bs).to(dtype) * bucket.scale
+        pad = -bucket.rank % grouped_mm_alignment(dtype)
+        if pad:
+            A_GRI = nn.functional.pad(A_GRI, (0, 0, 0, pad))
+            B_GOR = nn.functional.pad(B_GOR, (0, pad))
+        return A_GRI.transpose(1, 2), B_GOR.transpose(1, 2)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """Every adapter tensor (trainable or LoRI-frozen A) under its logical key."""
+        out = {}
+        for name, (expert, proj) in self._keys.items():
+            out[expert_param_key(self.layer, expert, proj, "lora_A")] = self.lora_A[name]
+            out[expert_param_key(self.layer, expert, proj, "lora_B")] = self.lora_B[name]
+        return out
+
+    def flops_per_token(self, expert: int) -> int:
+        """Adapter multiply-adds (x2) one routed token costs at `expert`: 2 R (I + O) per projection."""
+        total = 0
+        for name, (e, _proj) in self._keys.items():
+            if e == expert:
+                r, in_f = self.lora_A[name].shape
+                total += 2 * r * (in_f + self.lora_B[name].shape[0])
+        return total

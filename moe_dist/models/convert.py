@@ -1,0 +1,122 @@
+"""Turn a transformers MoE model into the expert-parallel model with adapters from a plan.
+
+Only each MoE block's `experts` module is swapped (and attention projections wrapped with
+LoRA); routers, shared experts, norms and attention stay HF's own modules, so the
+unconverted model is the numerical oracle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from moe_dist.adapters.lora import LoRAConfig, LoRALinear
+from moe_dist.models.arch import ArchSpec, arch_spec, decoder_layers, moe_blocks
+from moe_dist.moe.experts import ExpertParallelExperts
+from moe_dist.parallel.groups import expert_groups
+from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.plan import AdapterPlan
+
+
+@dataclass(frozen=True)
+class ConversionInfo:
+    """What a converted model was built from (attached as `model.moe_dist_info`)."""
+
+    spec: ArchSpec
+    plan: AdapterPlan
+    placements: Mapping[int, ExpertPlacement]
+    ep_size: int
+    lora: LoRAConfig
+
+
+def convert_model(
+    model: nn.Module,
+    plan: AdapterPlan,
+    ep_size: int = 1,
+    placements: Mapping[int, ExpertPlacement] | None = None,
+    lora: LoRAConfig = LoRAConfig(),
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Swap every MoE block's experts for `ExpertParallelExperts` holding only this rank's
+    experts, add adapters per `plan`, freeze everything else. In place; returns `model`.
+
+    If the HF experts hold real weights, the owned experts' slices are copied; if they are on
+    the meta device (sharded loading), the new module's base weights are left for the loader.
+    """
+    spec = arch_spec(model.config)
+    groups = expert_groups(ep_size)
+    blocks = moe_blocks(model, spec)
+    num_experts = getattr(model.config, spec.num_experts_attr)
+    placements = dict(placements or {})
+    for layer in blocks:
+        placements.setdefault(layer, ExpertPlacement.contiguous(num_experts, ep_size))
+    stray = sorted({l for (l, _e, _p) in plan.expert_ranks} - set(blocks))
+    if stray:
+        raise ValueError(f"plan has expert adapters on layer(s) {stray}, which are not MoE layers ({sorted(blocks)})")
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    for layer, block in blocks.items():
+        old = block.experts
+        src_meta = old.gate_up_proj.is_meta
+        dev = device if device is not None else (None if src_meta else old.gate_up_proj.device)
+        new = ExpertParallelExperts(
+            layer=layer,
+            num_experts=num_experts,
+            hidden_size=old.hidden_dim,
+            intermediate_size=old.intermediate_dim,
+            act_fn=old.act_fn,
+            placement=placements[layer],
+            groups=groups,
+            ranks=plan.expert_ranks_of_layer(layer),
+            lora=lora,
+            lori=plan.lori,
+            dtype=old.gate_up_proj.dtype,
+            device=dev,
+        )
+        if not src_meta:
+            with torch.no_grad():
+                idx = torch.tensor(new.local_experts, dtype=torch.long, device=old.gate_up_proj.device)
+                new.gate_up_proj.copy_(old.gate_up_proj.index_select(0, idx))
+                new.down_proj.copy_(old.down_proj.index_select(0, idx))
+        block.experts = new
+        del old
+
+    _wrap_attention(model, spec, plan, lora)
+    model.moe_dist_info = ConversionInfo(spec, plan, placements, ep_size, lora)
+    return model
+
+
+def _wrap_attention(model: nn.Module, spec: ArchSpec, plan: AdapterPlan, lora: LoRAConfig) -> None:
+    layers = decoder_layers(model)
+    for (layer, proj), rank in plan.attention_ranks.items():
+        if proj not in spec.attention_projections:
+            raise ValueError(
+                f"plan: attention projection {proj!r} (layer {layer}) is not one of {spec.model_type}'s "
+                f"{spec.attention_projections}"
+            )
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"plan: attention adapter on layer {layer}, model has {len(layers)} layers")
+        attn = layers[layer].self_attn
+        base = getattr(attn, proj, None)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"plan: layer {layer} self_attn has no linear {proj!r} (this config does not use it)")
+        setattr(attn, proj, LoRALinear(base, rank, lora, f"layers.{layer}.self_attn.{proj}"))
+
+
+def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every adapter tensor of a converted model under its logical key (rank-independent).
+    On an expert-parallel rank this holds that rank's experts' adapters and all attention ones."""
+    out: dict[str, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, (ExpertParallelExperts, LoRALinear)):
+            out.update(module.adapter_params())
+    return out
+
+
+def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Adapter tensors that receive gradients (LoRI's frozen A excluded)."""
+    return {k: p for k, p in adapter_params(model).items() if p.requires_grad}

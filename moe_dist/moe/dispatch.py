@@ -1,0 +1,162 @@
+"""Token dispatch and combine for expert parallelism.
+
+Shape legend: T tokens on this rank, D hidden, K top-k, N = T*K routed slots sent from this
+rank, M rows received by this rank (sum over sources), E experts in the layer, e experts owned
+by this rank, P expert-parallel world size.
+
+Phases (Megatron's split): `dispatch` = permute (no communication) -> exchange (counts, then
+rows, all-to-all over the EP group) -> local sort by owned expert (no communication).
+`combine` = local unsort -> exchange back -> unpermute and gate-weighted sum (no comm).
+Dispatchers keep no per-call state: `dispatch` returns a frozen `DispatchMeta` that `combine`
+takes back, so two layers, activation recompute or re-entrant calls cannot clash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from deepspeed.moe.ep_count import count_tokens_per_expert
+
+
+
+@dataclass(frozen=True)
+class DispatchMeta:
+    """Everything `combine` needs to route expert outputs back, returned by `dispatch`."""
+
+    unsort_N: torch.Tensor  # position of each routed slot (token-major) in the sent order
+    input_splits: list[int]  # rows this rank sent to each EP rank
+    output_splits: list[int]  # rows this rank received from each EP rank
+    local_sort_M: torch.Tensor | None  # received rows -> local-expert-major order (None: identity)
+    tokens_per_expert: list[int]  # rows per owned expert, in local slot order (host ints)
+    num_tokens: int
+    top_k: int
+
+
+def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return inv
+
+
+class LocalDispatcher:
+    """EP size 1: every expert is local. Same interface as `AllToAllDispatcher`; the test
+    reference for the exchange and the fast path when there is nothing to exchange."""
+
+    def __init__(self, local_experts: list[int], num_experts: int, device: torch.device | None = None):
+        if sorted(local_experts) != list(range(num_experts)):
+            raise ValueError("LocalDispatcher needs every expert local")
+        slot = torch.empty(num_experts, dtype=torch.long)
+        slot[torch.tensor(local_experts, dtype=torch.long)] = torch.arange(num_experts)
+        self.slot_of_expert_E = slot.to(device) if device is not None else slot
+        self.num_experts = num_experts
+
+    def to(self, device: torch.device) -> "LocalDispatcher":
+        self.slot_of_expert_E = self.slot_of_expert_E.to(device)
+        return self
+
+    def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor) -> tuple[torch.Tensor, DispatchMeta]:
+        T, K = top_k_index_TK.shape
+        slot_N = self.slot_of_expert_E[top_k_index_TK.reshape(-1)]
+        sort_N = torch.argsort(slot_N, stable=True)
+        tokens_per_expert = count_tokens_per_expert(slot_N, self.num_experts).tolist()  # the one host sync
+        x_ND = x_TD.index_select(0, sort_N // K)
+        meta = DispatchMeta(
+            unsort_N=_inverse_permutation(sort_N),
+            input_splits=[T * K],
+            output_splits=[T * K],
+            local_sort_M=None,
+            tokens_per_expert=tokens_per_expert,
+            num_tokens=T,
+            top_k=K,
+        )
+        return x_ND, meta
+
+    def combine(self, y_MD: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        return weighted_sum(y_MD.index_select(0, meta.unsort_N), top_k_weights_TK, meta)
+
+
+class AllToAllDispatcher:
+    """Sends each routed slot to the rank that owns its expert, with `all_to_all_single`
+    (uneven splits; the per-expert counts are exchanged first). Autograd flows through the
+    exchange (torch.distributed.nn.functional.all_to_all_single), so the backward pass runs
+    the mirror collectives on every rank in the same order, even for ranks with no rows."""
+
+    def __init__(self, experts_by_rank: list[list[int]], ep_rank: int, group: dist.ProcessGroup, device=None):
+        """`experts_by_rank[r]` lists rank r's experts in r's local slot order (every rank
+        must pass the same lists: they define the global send order)."""
+        self.ep_size = len(experts_by_rank)
+        self.ep_rank = ep_rank
+        self.group = group
+        self.num_experts = sum(len(x) for x in experts_by_rank)
+        # Global send order: ranks in order, each rank's experts in its local slot order.
+        self.num_local_of_rank = [len(x) for x in experts_by_rank]
+        self.local_experts = experts_by_rank[ep_rank]
+        order = torch.tensor([e for xs in experts_by_rank for e in xs], dtype=torch.long)
+        self.key_of_expert_E = _inverse_permutation(order)
+        self.rank_of_key_E = torch.tensor([r for r, xs in enumerate(experts_by_rank) for _ in xs], dtype=torch.long)
+        if device is not None:
+            self.to(device)
+
+    def to(self, device: torch.device) -> "AllToAllDispatcher":
+        self.key_of_expert_E = self.key_of_expert_E.to(device)
+        self.rank_of_key_E = self.rank_of_key_E.to(device)
+        return self
+
+    def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor) -> tuple[torch.Tensor, DispatchMeta]:
+        T, K = top_k_index_TK.shape
+        P, e = self.ep_size, len(self.local_experts)
+        # permute (no communication)
+        key_N = self.key_of_expert_E[top_k_index_TK.reshape(-1)]
+        sort_N = torch.argsort(key_N, stable=True)
+        counts_E = count_tokens_per_expert(key_N, self.num_experts).long()
+        send_P = torch.zeros(P, dtype=torch.long, device=counts_E.device).scatter_add_(0, self.rank_of_key_E, counts_E)
+        # exchange counts: rank r receives, from every source, the counts of r's own experts
+        recv_counts_Pe = torch.empty(P * e, dtype=torch.long, device=counts_E.device)
+        dist.all_to_all_single(
+            recv_counts_Pe, counts_E, output_split_sizes=[e] * P, input_split_sizes=self.num_local_of_rank, group=self.group
+        )
+        recv_counts_Pe = recv_counts_Pe.view(P, e)
+        # The one host sync of the layer: split lists and local counts in a single copy.
+        host = torch.cat((send_P, recv_counts_Pe.sum(1), recv_counts_Pe.sum(0))).tolist()
+        input_splits, output_splits, tokens_per_expert = host[:P], host[P : 2 * P], host[2 * P :]
+        # exchange rows
+        x_ND = x_TD.index_select(0, sort_N // K)
+        M = sum(output_splits)
+        x_MD = dist_fn.all_to_all_single(
+            x_ND.new_empty(M, x_ND.shape[1]), x_ND, output_splits, input_splits, group=self.group
+        )
+        # local sort (no communication): rows arrive source-major, experts want expert-major
+        local_id_M = torch.arange(e, device=x_MD.device).repeat(P).repeat_interleave(recv_counts_Pe.reshape(-1), output_size=M)
+        local_sort_M = torch.argsort(local_id_M, stable=True)
+        meta = DispatchMeta(
+            unsort_N=_inverse_permutation(sort_N),
+            input_splits=input_splits,
+            output_splits=output_splits,
+            local_sort_M=local_sort_M,
+            tokens_per_expert=tokens_per_expert,
+            num_tokens=T,
+            top_k=K,
+        )
+        return x_MD.index_select(0, local_sort_M), meta
+
+    def combine(self, y_MD: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        y_source_major = y_MD.index_select(0, _inverse_permutation(meta.local_sort_M))
+        y_ND = dist_fn.all_to_all_single(
+            y_MD.new_empty(sum(meta.input_splits), y_MD.shape[1]),
+            y_source_major,
+            meta.input_splits,
+            meta.output_splits,
+            group=self.group,
+        )
+        return weighted_sum(y_ND.index_select(0, meta.unsort_N), top_k_weights_TK, meta)
+
+
+def weighted_sum(y_ND: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+    """Gate-weighted sum over each token's K slots. Accumulates in the promoted dtype (fp32
+    gates) like transformers' grouped path, then casts back to the hidden dtype."""
+    T, K, D = meta.num_tokens, meta.top_k, y_ND.shape[-1]
+    out_TD = (y_ND.view(T, K, D) * top_k_weights_TK.unsqueeze(-1)).sum(dim=1)
+    return out_TD.to(y_ND.dtype)

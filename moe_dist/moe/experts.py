@@ -1,0 +1,172 @@
+"""The expert-parallel replacement for a transformers MoE block's `experts` module.
+
+Shape legend: T tokens on this rank, D hidden, F expert intermediate, K top-k, M rows this
+rank computes (after the exchange), e experts this rank owns, G experts in a rank bucket,
+R adapter rank.
+
+transformers v5 MoE blocks all call `self.experts(hidden_TD, top_k_index_TK,
+top_k_weights_TK)` and keep router and shared experts outside; swapping this module in keeps
+each architecture's routing exact. Compute is dropless and grouped: one grouped matmul per
+base projection over all rows, and per adapter rank bucket two small grouped matmuls whose
+result is added in place to the base output rows of those experts (W + BA never exists).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+from deepspeed.moe.layer import MoE
+from torch import nn
+
+from moe_dist.adapters.expert_bank import ExpertLoRABank, RankBucket
+from moe_dist.adapters.lora import LoRAConfig
+from moe_dist.moe.dispatch import AllToAllDispatcher, DispatchMeta, LocalDispatcher
+from moe_dist.parallel.groups import ExpertGroups, mark_expert_param
+from moe_dist.parallel.placement import ExpertPlacement
+
+EXPERT_DIMS = ("gate_proj", "up_proj", "down_proj")
+
+
+def grouped_mm(x_MI: torch.Tensor, w_GIO: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x_MI, w_GIO, offs=offs_G)
+
+
+def _slot_rows(bucket: RankBucket, starts: list[int], counts: list[int], device) -> torch.Tensor:
+    idx = [torch.arange(starts[s], starts[s] + counts[s]) for s in bucket.slots]
+    return torch.cat(idx).to(device)
+
+
+def _lora_delta(
+    bank: ExpertLoRABank,
+    bucket: RankBucket,
+    x_MI: torch.Tensor,
+    out_MO: torch.Tensor,
+    starts: list[int],
+    counts: list[int],
+) -> None:
+    """out[rows of bucket experts] += x[rows] @ A^T @ B^T * scale, in place, grouped."""
+    A_GIR, B_GRO = bank.stacked(bucket, x_MI.dtype)
+    offs_G = torch.tensor([counts[s] for s in bucket.slots], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    offs_G = offs_G.to(x_MI.device)
+    if bucket.contiguous:
+        lo = starts[bucket.slots[0]]
+        hi = starts[bucket.slots[-1]] + counts[bucket.slots[-1]]
+        delta = grouped_mm(grouped_mm(x_MI[lo:hi], A_GIR, offs_G), B_GRO, offs_G)
+        out_MO[lo:hi] += delta
+    else:
+        rows = _slot_rows(bucket, starts, counts, x_MI.device)
+        delta = grouped_mm(grouped_mm(x_MI.index_select(0, rows), A_GIR, offs_G), B_GRO, offs_G)
+        out_MO.index_add_(0, rows, delta)
+
+
+class ExpertParallelExperts(MoE):
+    """Holds the base weights of this rank's experts and their adapters; dispatches tokens.
+
+    Subclasses deepspeed.moe.layer.MoE only so the DeepSpeed engine detects a MoE model and
+    reduces expert gradients over the expert-data-parallel group (detection is an isinstance
+    check); none of MoE's own machinery is used.
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        placement: ExpertPlacement,
+        groups: ExpertGroups,
+        ranks: Mapping[tuple[int, str], int],
+        lora: LoRAConfig,
+        lori: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
+        nn.Module.__init__(self)
+        if placement.num_experts != num_experts:
+            raise ValueError(f"layer {layer}: placement covers {placement.num_experts} experts, layer has {num_experts}")
+        if placement.ep_size != groups.ep_size:
+            raise ValueError(f"layer {layer}: placement is for ep_size {placement.ep_size}, groups for {groups.ep_size}")
+        # Attributes DeepSpeed's engine reads from MoE layers.
+        self.num_experts = num_experts
+        self.ep_size = groups.ep_size
+        self.expert_group_name = groups.name
+        self.enable_expert_tensor_parallelism = False
+        self.layer = layer
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.act_fn = act_fn
+        self.placement = placement
+        self.groups = groups
+        # Local slot order groups experts with equal adapter ranks, so rank buckets are
+        # contiguous row ranges (no gather) in the common case. It is derived from the plan,
+        # identical on every rank, so all ranks agree on every rank's slot order.
+        signature = lambda e: (tuple(-ranks.get((e, p), 0) for p in EXPERT_DIMS), e)  # noqa: E731
+        self.experts_by_rank = [sorted(placement.experts_of(r), key=signature) for r in range(placement.ep_size)]
+        self.local_experts = self.experts_by_rank[groups.ep_rank]
+        self.num_local_experts = len(self.local_experts)
+        e, F, D = self.num_local_experts, intermediate_size, hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * F, D, dtype=dtype, device=device), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(e, D, F, dtype=dtype, device=device), requires_grad=False)
+        dims = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+        self.adapters = ExpertLoRABank(layer, self.local_experts, ranks, dims, lora, lori, device=device)
+        self.adapters.to(adapter_dtype)
+        # ZeRO needs >= 1 trainable expert parameter on every rank; a rank whose experts carry
+        # no adapter gets a one-element anchor that takes part in forward with weight 0.
+        self.anchor = None
+        if not any(p.requires_grad for p in self.adapters.parameters()):
+            self.anchor = nn.Parameter(torch.zeros(1, device=device, dtype=adapter_dtype))
+        for p in self.parameters():
+            mark_expert_param(p, self.ep_size)
+        self.dispatcher = self._make_dispatcher(device)
+
+    def _make_dispatcher(self, device) -> LocalDispatcher | AllToAllDispatcher:
+        if self.ep_size == 1:
+            return LocalDispatcher(self.local_experts, self.num_experts, device=device)
+        return AllToAllDispatcher(self.experts_by_rank, self.groups.ep_rank, self.groups.ep_group, device)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the DeepSpeed engine; our groups already exist (created in conversion)."""
+
+    def _apply(self, fn, recurse=True):  # keep dispatcher index tensors on the module's device
+        out = super()._apply(fn, recurse)
+        self.dispatcher.to(self.gate_up_proj.device)
+        return out
+
+    # ---- compute ----------------------------------------------------------------------
+    def compute(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        """Local experts on rows sorted by local slot: grouped base matmuls + adapter buckets."""
+        F = self.intermediate_size
+        counts = tokens_per_expert
+        starts = [0] * len(counts)
+        for i in range(1, len(counts)):
+            starts[i] = starts[i - 1] + counts[i - 1]
+        offs_e = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_MD.device)
+        x_MD = x_MD.to(self.gate_up_proj.dtype)
+        gate_up_M2F = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offs_e)
+        bank = self.adapters
+        for proj, cols in (("gate_proj", slice(0, F)), ("up_proj", slice(F, 2 * F))):
+            for bucket in bank.buckets[proj]:
+                _lora_delta(bank, bucket, x_MD, gate_up_M2F[:, cols], starts, counts)
+        h_MF = self.act_fn(gate_up_M2F[:, :F]) * gate_up_M2F[:, F:]
+        y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs_e)
+        for bucket in bank.buckets["down_proj"]:
+            _lora_delta(bank, bucket, h_MF, y_MD, starts, counts)
+        if self.anchor is not None:
+            y_MD = y_MD + (self.anchor * 0).to(y_MD.dtype)
+        return y_MD
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        x_MD, meta = self.dispatcher.dispatch(hidden_states, top_k_index)
+        y_MD = self.compute(x_MD, meta.tokens_per_expert)
+        return self.dispatcher.combine(y_MD.to(hidden_states.dtype), top_k_weights, meta)
+
+    # ---- adapters & loading -----------------------------------------------------------
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return self.adapters.adapter_params()
+
+    def slot_of(self, expert: int) -> int:
+        return self.local_experts.index(expert)
