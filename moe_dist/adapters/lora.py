@@ -50,7 +50,7 @@ class LoRALinear(nn.Module):
     """Plain LoRA around a frozen nn.Linear (attention projections). Logical keys are given
     by the owner; the wrapped module keeps HF's name (`q_proj.base`)."""
 
-    def __init__(self, base: nn.Linear, rank: int, config: LoRAConfig, key: str):
+    def __init__(self, base: nn.Linear, rank: int, config: LoRAConfig, key: str, device=None):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRALinear for {key}: rank must be > 0, got {rank}")
@@ -58,7 +58,7 @@ class LoRALinear(nn.Module):
         self.rank = rank
         self.scaling = config.scale(rank)
         self.key = key
-        dev = base.weight.device
+        dev = device if device is not None else base.weight.device
         a = init_lora_A(rank, base.in_features, f"{key}.lora_A", config.seed)
         self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))

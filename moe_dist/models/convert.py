@@ -85,12 +85,12 @@ def convert_model(
         block.experts = new
         del old
 
-    _wrap_attention(model, spec, plan, lora)
+    _wrap_attention(model, spec, plan, lora, device)
     model.moe_dist_info = ConversionInfo(spec, plan, placements, ep_size, lora)
     return model
 
 
-def _wrap_attention(model: nn.Module, spec: ArchSpec, plan: AdapterPlan, lora: LoRAConfig) -> None:
+def _wrap_attention(model: nn.Module, spec: ArchSpec, plan: AdapterPlan, lora: LoRAConfig, device=None) -> None:
     layers = decoder_layers(model)
     for (layer, proj), rank in plan.attention_ranks.items():
         if proj not in spec.attention_projections:
@@ -104,7 +104,7 @@ def _wrap_attention(model: nn.Module, spec: ArchSpec, plan: AdapterPlan, lora: L
         base = getattr(attn, proj, None)
         if not isinstance(base, nn.Linear):
             raise ValueError(f"plan: layer {layer} self_attn has no linear {proj!r} (this config does not use it)")
-        setattr(attn, proj, LoRALinear(base, rank, lora, f"layers.{layer}.self_attn.{proj}"))
+        setattr(attn, proj, LoRALinear(base, rank, lora, f"layers.{layer}.self_attn.{proj}", device=device))
 
 
 def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -1,0 +1,214 @@
+"""Sharded loading: each rank reads only its own experts from the safetensors files.
+
+The model skeleton is built on the meta device (no memory), its experts are swapped for
+expert-parallel modules that allocate only this rank's experts, and then every tensor is read
+from the checkpoint with `safe_open(...).get_slice`, so a rank's peak memory is the
+non-expert weights plus its own experts, never the whole model.
+
+Both naming families are read: the per-expert names of hub checkpoints
+(`model.layers.3.block_sparse_moe.experts.5.w1.weight`, `...mlp.experts.5.gate_proj.weight`)
+and the fused 3-D names transformers 5 writes with `save_original_format=False`
+(`model.layers.3.mlp.experts.gate_up_proj`, gate rows first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moe_dist.adapters.lora import LoRAConfig
+from moe_dist.models.arch import ArchSpec, arch_spec, moe_blocks
+from moe_dist.models.convert import convert_model
+from moe_dist.moe.experts import ExpertParallelExperts
+from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.plan import AdapterPlan
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub name, fetched (config, safetensors, tokenizer)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as exc:  # offline, missing repo, auth: say which model and why
+        raise CheckpointError(f"cannot find model {name_or_path!r} locally or on the hub: {exc}") from exc
+
+
+class SafetensorsIndex:
+    """Tensor name -> file, over a single file or a sharded `model.safetensors.index.json`."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {k: directory / f for k, f in weight_map.items()}
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{directory}: no *.safetensors files (only safetensors checkpoints are read)")
+            self.file_of = {}
+            for f in files:
+                with safe_open(f, "pt") as fh:
+                    self.file_of.update({k: f for k in fh.keys()})
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file_of
+
+    def _open(self, key: str):
+        f = self.file_of[key]
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, "pt")
+        return self._handles[f]
+
+    def read(self, key: str, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
+        """The tensor, or only row `index` of its first dimension (reads just that slice)."""
+        if key not in self.file_of:
+            raise CheckpointError(f"{self.directory}: tensor {key!r} not found in the checkpoint")
+        handle = self._open(key)
+        t = handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
+        return t.to(dtype)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    plan: AdapterPlan,
+    ep_size: int = 1,
+    placements: Mapping[int, ExpertPlacement] | None = None,
+    lora: LoRAConfig = LoRAConfig(),
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Build the expert-parallel model from a local HF directory or hub name, reading only
+    this rank's experts. Frozen base weights in `dtype` (bf16 on GPU, fp32 on CPU by default);
+    adapters are fp32."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or default_dtype(device)
+    path = resolve_checkpoint(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    spec = arch_spec(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    convert_model(model, plan, ep_size=ep_size, placements=placements, lora=lora, device=device)
+    ckpt = SafetensorsIndex(path)
+    try:
+        _load_experts(model, spec, ckpt, dtype)
+        _load_dense(model, spec, ckpt, dtype, device)
+    finally:
+        ckpt.close()
+    _rebuild_meta_buffers(model, device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{path}: no value for {leftover[:5]} ({len(leftover)} tensors)")
+    return model
+
+
+def _checkpoint_key(model_key: str, spec: ArchSpec, ckpt: SafetensorsIndex) -> str:
+    """Checkpoint name of a non-expert tensor: the model name without our `.base` wrappers;
+    Mixtral hub checkpoints call the MoE block `block_sparse_moe`."""
+    key = model_key.replace(".base.", ".")
+    if key in ckpt:
+        return key
+    alt = key.replace(".mlp.", f".{spec.hub_block}.")
+    return alt if alt in ckpt else key
+
+
+def _load_dense(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtype, device) -> None:
+    persistent = {n for n, _ in model.named_buffers() if _is_persistent(model, n)}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, tensor in list(model.named_parameters()) + [b for b in model.named_buffers() if b[0] in persistent]:
+        if not tensor.is_meta:
+            continue
+        if tied and name == "lm_head.weight" and "lm_head.weight" not in ckpt:
+            continue
+        key = _checkpoint_key(name, spec, ckpt)
+        want_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+        value = ckpt.read(key, want_dtype if "correction_bias" not in name else torch.float32).to(device)
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{ckpt.directory}: {key!r} has shape {tuple(value.shape)}, model expects {tuple(tensor.shape)}")
+        _set_tensor(model, name, value)
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+
+
+def _load_experts(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtype) -> None:
+    for layer, block in moe_blocks(model, spec).items():
+        experts: ExpertParallelExperts = block.experts
+        F = experts.intermediate_size
+        fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+        with torch.no_grad():
+            for slot, e in enumerate(experts.local_experts):
+                if fused in ckpt:
+                    gate_up = ckpt.read(fused, dtype, index=e)
+                    down = ckpt.read(f"model.layers.{layer}.mlp.experts.down_proj", dtype, index=e)
+                else:
+                    g, u, d = (_hub_expert_key(spec, ckpt, layer, e, n) for n in spec.hub_expert_names)
+                    gate_up = torch.cat([ckpt.read(g, dtype), ckpt.read(u, dtype)], dim=0)
+                    down = ckpt.read(d, dtype)
+                if gate_up.shape != experts.gate_up_proj.shape[1:] or down.shape != experts.down_proj.shape[1:]:
+                    raise CheckpointError(
+                        f"{ckpt.directory}: layer {layer} expert {e} has shapes {tuple(gate_up.shape)}/"
+                        f"{tuple(down.shape)}, expected {tuple(experts.gate_up_proj.shape[1:])}/{tuple(experts.down_proj.shape[1:])} (F={F})"
+                    )
+                experts.gate_up_proj[slot].copy_(gate_up)
+                experts.down_proj[slot].copy_(down)
+
+
+def _hub_expert_key(spec: ArchSpec, ckpt: SafetensorsIndex, layer: int, expert: int, name: str) -> str:
+    for block in (spec.hub_block, "mlp"):
+        key = f"model.layers.{layer}.{block}.experts.{expert}.{name}.weight"
+        if key in ckpt:
+            return key
+    raise CheckpointError(
+        f"{ckpt.directory}: expert {expert} of layer {layer} not found: neither the fused "
+        f"'model.layers.{layer}.mlp.experts.gate_up_proj' nor '{spec.hub_block}.experts.{expert}.{name}.weight' "
+        f"({spec.model_type} checkpoints name experts {spec.hub_expert_names})"
+    )
+
+
+def _is_persistent(model: nn.Module, name: str) -> bool:
+    mod_name, _, buf = name.rpartition(".")
+    module = model.get_submodule(mod_name) if mod_name else model
+    return buf not in module._non_persistent_buffers_set
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(mod_name) if mod_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary inv_freq) are computed at construction, not stored:
+    rebuild the modules that own them on the real device."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
+            with torch.device(device):
+                fresh = type(module)(config=module.config)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
