@@ -84,6 +84,9 @@ class ExpertLoRABank(nn.Module):
     def has_adapters(self) -> bool:
         return len(self._keys) > 0
 
+    def has_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
+
     def stacked(self, bucket: RankBucket, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_GIRp, B_GRpO) for grouped matmul, scale folded into B, LoRI mask applied,
         rank zero-padded to the grouped-mm alignment (padding adds exact zeros)."""

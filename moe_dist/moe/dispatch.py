@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from deepspeed.moe.ep_count import count_tokens_per_expert
 
 
@@ -33,6 +32,30 @@ class DispatchMeta:
     tokens_per_expert: list[int]  # rows per owned expert, in local slot order (host ints)
     num_tokens: int
     top_k: int
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits whose backward is the mirror exchange.
+    (torch.distributed.nn.functional.all_to_all_single does this too but is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty(sum(output_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        output_splits, input_splits = ctx.splits
+        grad_in = grad_out.new_empty(sum(input_splits), *grad_out.shape[1:])
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    """Rows x[sum(input_splits[:r]) : ...] go to rank r; returns the rows received (autograd-aware)."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -81,7 +104,7 @@ class LocalDispatcher:
 class AllToAllDispatcher:
     """Sends each routed slot to the rank that owns its expert, with `all_to_all_single`
     (uneven splits; the per-expert counts are exchanged first). Autograd flows through the
-    exchange (torch.distributed.nn.functional.all_to_all_single), so the backward pass runs
+    exchange, so the backward pass runs
     the mirror collectives on every rank in the same order, even for ranks with no rows."""
 
     def __init__(self, experts_by_rank: list[list[int]], ep_rank: int, group: dist.ProcessGroup, device=None):
@@ -125,9 +148,7 @@ class AllToAllDispatcher:
         # exchange rows
         x_ND = x_TD.index_select(0, sort_N // K)
         M = sum(output_splits)
-        x_MD = dist_fn.all_to_all_single(
-            x_ND.new_empty(M, x_ND.shape[1]), x_ND, output_splits, input_splits, group=self.group
-        )
+        x_MD = exchange(x_ND, output_splits, input_splits, self.group)
         # local sort (no communication): rows arrive source-major, experts want expert-major
         local_id_M = torch.arange(e, device=x_MD.device).repeat(P).repeat_interleave(recv_counts_Pe.reshape(-1), output_size=M)
         local_sort_M = torch.argsort(local_id_M, stable=True)
@@ -144,13 +165,7 @@ class AllToAllDispatcher:
 
     def combine(self, y_MD: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         y_source_major = y_MD.index_select(0, _inverse_permutation(meta.local_sort_M))
-        y_ND = dist_fn.all_to_all_single(
-            y_MD.new_empty(sum(meta.input_splits), y_MD.shape[1]),
-            y_source_major,
-            meta.input_splits,
-            meta.output_splits,
-            group=self.group,
-        )
+        y_ND = exchange(y_source_major, meta.input_splits, meta.output_splits, self.group)
         return weighted_sum(y_ND.index_select(0, meta.unsort_N), top_k_weights_TK, meta)
 
 

@@ -144,6 +144,11 @@ class ExpertParallelExperts(MoE):
             starts[i] = starts[i - 1] + counts[i - 1]
         offs_e = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_MD.device)
         x_MD = x_MD.to(self.gate_up_proj.dtype)
+        if torch.is_grad_enabled() and not x_MD.requires_grad and self.adapters.has_trainable():
+            # Adapter deltas are added in place into the base output rows; autograd allows
+            # that only on a non-leaf. Happens when nothing upstream trains (frozen
+            # embeddings, no attention LoRA): costs one unused input-gradient matmul.
+            x_MD = x_MD.detach().requires_grad_()
         gate_up_M2F = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offs_e)
         bank = self.adapters
         for proj, cols in (("gate_proj", slice(0, F)), ("up_proj", slice(F, 2 * F))):

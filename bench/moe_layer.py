@@ -1,0 +1,97 @@
+"""Train-step throughput of moe_dist's expert layer against transformers grouped_mm + PEFT.
+
+Shape (issue 2): OLMoE config, vocab 2048, hidden 256, 4 layers, 4 heads, 64 experts, top-8,
+expert intermediate 128, batch 4 x 256, LoRA r=8 on q,k,v,o and every expert projection, full
+step (forward, backward, AdamW). Single process, EP 1, CPU fp32 (or the GPU when present).
+Variants are interleaved round-robin so machine noise hits them alike; the figure is each
+variant's median tok/s over the baseline's median in the same run.
+
+    python bench/moe_layer.py [--rounds 5] [--out bench/results/moe_layer.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline_peft import BENCH_SHAPE, build_baseline, olmoe_config, random_batch, train_step  # noqa: E402
+
+from moe_dist.models.convert import convert_model, trainable_params  # noqa: E402
+from moe_dist.plan import AdapterPlan  # noqa: E402
+
+
+def build_moe_dist(experts_per_layer: int | None, seed: int = 0):
+    from transformers import OlmoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = OlmoeForCausalLM(olmoe_config())
+    L, E = BENCH_SHAPE["layers"], BENCH_SHAPE["experts"]
+    if experts_per_layer == 0:
+        chosen = {l: [] for l in range(L)}
+    elif experts_per_layer is None:
+        chosen = None
+    else:  # a fixed spread of hot experts, like HELLoRA would pick
+        chosen = {l: list(range(0, E, E // experts_per_layer))[:experts_per_layer] for l in range(L)}
+    plan = AdapterPlan.uniform(range(L), E, 8, attention_layers=range(L), experts=chosen)
+    convert_model(model, plan)
+    model.train()
+    opt = torch.optim.AdamW(list(trainable_params(model).values()), lr=1e-4)
+    return model, opt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    ids = random_batch()
+    tokens = ids.numel()
+    variants = {
+        "baseline_peft_grouped_mm": build_baseline(seed=0),
+        "moe_dist_all_experts": build_moe_dist(None),
+        "moe_dist_hot10": build_moe_dist(10),
+        "moe_dist_attention_only": build_moe_dist(0),
+    }
+    trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in variants.items()}
+    for m, o in variants.values():  # warm-up
+        train_step(m, o, ids)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for name, (m, o) in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                train_step(m, o, ids)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    tps = {k: tokens / statistics.median(v) for k, v in times.items()}
+    base = tps["baseline_peft_grouped_mm"]
+    result = {
+        "shape": BENCH_SHAPE,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "tokens_per_sec": tps,
+        "trainable_params": trainable,
+        "speedup_all_experts": tps["moe_dist_all_experts"] / base,
+        "speedup_hot10": tps["moe_dist_hot10"] / base,
+        "speedup_attention_only": tps["moe_dist_attention_only"] / base,
+    }
+    print(f"{'variant':<28}{'tok/s':>10}{'x baseline':>12}{'trainable':>12}")
+    for k in variants:
+        print(f"{k:<28}{tps[k]:>10.0f}{tps[k] / base:>12.2f}{trainable[k]:>12,}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
