@@ -81,6 +81,29 @@ class ExpertLoRABank(nn.Module):
                 RankBucket(proj, r, tuple(s for s, _ in members), tuple(n for _, n in members), config.scale(r))
             )
 
+    def gate_up_pairs(self) -> tuple[list[tuple[RankBucket, RankBucket]], list[RankBucket]]:
+        """Gate and up buckets with the same rank over the same experts run fused (one A
+        matmul for both, one block-diagonal B matmul); the rest run alone."""
+        up_by_key = {(b.rank, b.slots): b for b in self.buckets.get("up_proj", [])}
+        pairs, single = [], []
+        for g in self.buckets.get("gate_proj", []):
+            u = up_by_key.pop((g.rank, g.slots), None)
+            if u is None:
+                single.append(g)
+            else:
+                pairs.append((g, u))
+        return pairs, single + list(up_by_key.values())
+
+    def stacked_gate_up(self, gate: RankBucket, up: RankBucket, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_GI(2Rp), B_G(2Rp)(2F)): both A stacked along rank, B block-diagonal, so the
+        delta for the fused gate|up output rows is one pair of grouped matmuls."""
+        A_g, B_g = self.stacked(gate, dtype)  # G I Rp, G Rp F
+        A_u, B_u = self.stacked(up, dtype)
+        G, Rp, F = B_g.shape
+        zeros = B_g.new_zeros(G, Rp, F)
+        B_G2R2F = torch.cat([torch.cat([B_g, zeros], dim=2), torch.cat([zeros, B_u], dim=2)], dim=1)
+        return torch.cat([A_g, A_u], dim=2), B_G2R2F
+
     def has_adapters(self) -> bool:
         return len(self._keys) > 0
 

@@ -26,9 +26,11 @@ class DispatchMeta:
     """Everything `combine` needs to route expert outputs back, returned by `dispatch`."""
 
     unsort_N: torch.Tensor  # position of each routed slot (token-major) in the sent order
+    sort_N: torch.Tensor  # its inverse: sent order -> token-major slot
     input_splits: list[int]  # rows this rank sent to each EP rank
     output_splits: list[int]  # rows this rank received from each EP rank
     local_sort_M: torch.Tensor | None  # received rows -> local-expert-major order (None: identity)
+    local_unsort_M: torch.Tensor | None  # its inverse
     tokens_per_expert: list[int]  # rows per owned expert, in local slot order (host ints)
     num_tokens: int
     top_k: int
@@ -58,6 +60,26 @@ def exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
+class _Permute(torch.autograd.Function):
+    """rows[perm] whose backward is a gather by the inverse permutation: no zero-filled
+    buffer and no scatter-add, unlike index_select's backward."""
+
+    @staticmethod
+    def forward(ctx, rows, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inverse,) = ctx.saved_tensors
+        return grad_out.index_select(0, inverse), None, None
+
+
+def permute(rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """rows[perm] for a permutation `perm` with `inverse` = its inverse (pure, no communication)."""
+    return _Permute.apply(rows, perm, inverse)
+
+
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
@@ -85,12 +107,15 @@ class LocalDispatcher:
         slot_N = self.slot_of_expert_E[top_k_index_TK.reshape(-1)]
         sort_N = torch.argsort(slot_N, stable=True)
         tokens_per_expert = count_tokens_per_expert(slot_N, self.num_experts).tolist()  # the one host sync
-        x_ND = x_TD.index_select(0, sort_N // K)
+        unsort_N = _inverse_permutation(sort_N)
+        x_ND = permute(expand_topk(x_TD, K), sort_N, unsort_N)
         meta = DispatchMeta(
-            unsort_N=_inverse_permutation(sort_N),
+            unsort_N=unsort_N,
+            sort_N=sort_N,
             input_splits=[T * K],
             output_splits=[T * K],
             local_sort_M=None,
+            local_unsort_M=None,
             tokens_per_expert=tokens_per_expert,
             num_tokens=T,
             top_k=K,
@@ -98,7 +123,7 @@ class LocalDispatcher:
         return x_ND, meta
 
     def combine(self, y_MD: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        return weighted_sum(y_MD.index_select(0, meta.unsort_N), top_k_weights_TK, meta)
+        return weighted_sum(permute(y_MD, meta.unsort_N, meta.sort_N), top_k_weights_TK, meta)
 
 
 class AllToAllDispatcher:
@@ -146,27 +171,37 @@ class AllToAllDispatcher:
         host = torch.cat((send_P, recv_counts_Pe.sum(1), recv_counts_Pe.sum(0))).tolist()
         input_splits, output_splits, tokens_per_expert = host[:P], host[P : 2 * P], host[2 * P :]
         # exchange rows
-        x_ND = x_TD.index_select(0, sort_N // K)
+        unsort_N = _inverse_permutation(sort_N)
+        x_ND = permute(expand_topk(x_TD, K), sort_N, unsort_N)
         M = sum(output_splits)
         x_MD = exchange(x_ND, output_splits, input_splits, self.group)
         # local sort (no communication): rows arrive source-major, experts want expert-major
         local_id_M = torch.arange(e, device=x_MD.device).repeat(P).repeat_interleave(recv_counts_Pe.reshape(-1), output_size=M)
         local_sort_M = torch.argsort(local_id_M, stable=True)
+        local_unsort_M = _inverse_permutation(local_sort_M)
         meta = DispatchMeta(
-            unsort_N=_inverse_permutation(sort_N),
+            unsort_N=unsort_N,
+            sort_N=sort_N,
             input_splits=input_splits,
             output_splits=output_splits,
             local_sort_M=local_sort_M,
+            local_unsort_M=local_unsort_M,
             tokens_per_expert=tokens_per_expert,
             num_tokens=T,
             top_k=K,
         )
-        return x_MD.index_select(0, local_sort_M), meta
+        return permute(x_MD, local_sort_M, local_unsort_M), meta
 
     def combine(self, y_MD: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        y_source_major = y_MD.index_select(0, _inverse_permutation(meta.local_sort_M))
+        y_source_major = permute(y_MD, meta.local_unsort_M, meta.local_sort_M)
         y_ND = exchange(y_source_major, meta.input_splits, meta.output_splits, self.group)
-        return weighted_sum(y_ND.index_select(0, meta.unsort_N), top_k_weights_TK, meta)
+        return weighted_sum(permute(y_ND, meta.unsort_N, meta.sort_N), top_k_weights_TK, meta)
+
+
+def expand_topk(x_TD: torch.Tensor, K: int) -> torch.Tensor:
+    """Each token repeated K times, token-major (N = T*K rows); backward is a reshape-sum."""
+    T, D = x_TD.shape
+    return x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D)
 
 
 def weighted_sum(y_ND: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:

@@ -38,15 +38,15 @@ def _slot_rows(bucket: RankBucket, starts: list[int], counts: list[int], device)
 
 
 def _lora_delta(
-    bank: ExpertLoRABank,
+    A_GIR: torch.Tensor,
+    B_GRO: torch.Tensor,
     bucket: RankBucket,
     x_MI: torch.Tensor,
     out_MO: torch.Tensor,
     starts: list[int],
     counts: list[int],
 ) -> None:
-    """out[rows of bucket experts] += x[rows] @ A^T @ B^T * scale, in place, grouped."""
-    A_GIR, B_GRO = bank.stacked(bucket, x_MI.dtype)
+    """out[rows of bucket experts] += x[rows] @ A^T @ B^T (scale is in B), in place, grouped."""
     offs_G = torch.tensor([counts[s] for s in bucket.slots], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     offs_G = offs_G.to(x_MI.device)
     if bucket.contiguous:
@@ -151,13 +151,17 @@ class ExpertParallelExperts(MoE):
             x_MD = x_MD.detach().requires_grad_()
         gate_up_M2F = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offs_e)
         bank = self.adapters
-        for proj, cols in (("gate_proj", slice(0, F)), ("up_proj", slice(F, 2 * F))):
-            for bucket in bank.buckets[proj]:
-                _lora_delta(bank, bucket, x_MD, gate_up_M2F[:, cols], starts, counts)
+        pairs, singles = bank.gate_up_pairs()
+        for gate, up in pairs:
+            A, B = bank.stacked_gate_up(gate, up, x_MD.dtype)
+            _lora_delta(A, B, gate, x_MD, gate_up_M2F, starts, counts)
+        for bucket in singles:
+            cols = slice(0, F) if bucket.proj == "gate_proj" else slice(F, 2 * F)
+            _lora_delta(*bank.stacked(bucket, x_MD.dtype), bucket, x_MD, gate_up_M2F[:, cols], starts, counts)
         h_MF = self.act_fn(gate_up_M2F[:, :F]) * gate_up_M2F[:, F:]
         y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs_e)
         for bucket in bank.buckets["down_proj"]:
-            _lora_delta(bank, bucket, h_MF, y_MD, starts, counts)
+            _lora_delta(*bank.stacked(bucket, h_MF.dtype), bucket, h_MF, y_MD, starts, counts)
         if self.anchor is not None:
             y_MD = y_MD + (self.anchor * 0).to(y_MD.dtype)
         return y_MD
