@@ -44,7 +44,7 @@ def build_baseline(seed: int, rank: int = 8, alpha: int = 16,
                       target_parameters=EXPERT_TARGETS)
     model = get_peft_model(model, lora)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     return model, optimizer
 
 

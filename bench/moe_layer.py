@@ -44,7 +44,7 @@ def build_moe_dist(experts_per_layer: int | None, seed: int = 0):
     plan = AdapterPlan.uniform(range(L), E, 8, attention_layers=range(L), experts=chosen)
     convert_model(model, plan)
     model.train()
-    opt = torch.optim.AdamW(list(trainable_params(model).values()), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(list(trainable_params(model).values()), lr=1e-4, fused=True)
     return model, opt
 
 
