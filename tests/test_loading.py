@@ -14,7 +14,6 @@ from moe_dist.models.arch import moe_layer_indices
 from moe_dist.models.convert import convert_model
 from moe_dist.models.loading import CheckpointError, load_model
 from moe_dist.models.tiny import TINY_CONFIGS
-from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.plan import AdapterPlan
 
 

@@ -13,7 +13,7 @@ result is added in place to the base output rows of those experts (W + BA never 
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
 from deepspeed.moe.layer import MoE
@@ -21,7 +21,7 @@ from torch import nn
 
 from moe_dist.adapters.expert_bank import ExpertLoRABank, RankBucket
 from moe_dist.adapters.lora import LoRAConfig
-from moe_dist.moe.dispatch import AllToAllDispatcher, DispatchMeta, LocalDispatcher
+from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from moe_dist.parallel.groups import ExpertGroups, mark_expert_param
 from moe_dist.parallel.placement import ExpertPlacement
 
