@@ -65,27 +65,21 @@ class SafetensorsIndex:
             for f in files:
                 with safe_open(f, "pt") as fh:
                     self.file_of.update({k: f for k in fh.keys()})
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
 
-    def _open(self, key: str):
-        f = self.file_of[key]
-        if f not in self._handles:
-            self._handles[f] = safe_open(f, "pt")
-        return self._handles[f]
-
     def read(self, key: str, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
-        """The tensor, or only row `index` of its first dimension (reads just that slice)."""
+        """The tensor, or only row `index` of its first dimension (reads just that slice).
+
+        The file is opened per read: pages read through safetensors' mmap count in the RSS
+        until the file is closed, so keeping handles open would double a rank's peak (our
+        copy plus the mapped pages). A header parse per tensor is cheap by comparison."""
         if key not in self.file_of:
             raise CheckpointError(f"{self.directory}: tensor {key!r} not found in the checkpoint")
-        handle = self._open(key)
-        t = handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
+        with safe_open(self.file_of[key], "pt") as handle:
+            t = handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
         return t.to(dtype)
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -113,11 +107,8 @@ def load_model(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     convert_model(model, plan, ep_size=ep_size, placements=placements, lora=lora, device=device)
     ckpt = SafetensorsIndex(path)
-    try:
-        _load_experts(model, spec, ckpt, dtype)
-        _load_dense(model, spec, ckpt, dtype, device)
-    finally:
-        ckpt.close()
+    _load_experts(model, spec, ckpt, dtype)
+    _load_dense(model, spec, ckpt, dtype, device)
     _rebuild_meta_buffers(model, device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
