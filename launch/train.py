@@ -29,12 +29,27 @@ def counting_batch(batch: int, seq_len: int, vocab: int, generator: torch.Genera
     return (start + torch.arange(seq_len)) % (vocab - 3) + 3
 
 
+def _single_process_env_if_unlaunched() -> None:
+    """`python launch/train.py` with no launcher: a world of one on localhost. Under
+    deepspeed/torchrun (WORLD_SIZE) or mpirun (OMPI_/PMI_ variables) nothing is set, and
+    DeepSpeed's MPI discovery (mpi4py) handles mpirun."""
+    launched = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    if not any(k in os.environ for k in launched):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=None)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _single_process_env_if_unlaunched()
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
     cfg = load_config(args.recipe, overrides)
     cfg.validate(world)  # before any process-group work
 

@@ -28,3 +28,12 @@ def test_bad_override_names_the_key(tmp_path):
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "lora.rnak=4"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "lora.rnak" in proc.stderr
+
+
+def test_plain_python_runs_as_a_world_of_one(tmp_path):
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "steps=3", f"output_dir={tmp_path}",
+           f"cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world"] == 1 and summary["ep_size"] == 1
