@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 EXPERT_PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -94,14 +94,6 @@ class AdapterPlan:
     def experts_with_adapters(self, layer: int) -> list[int]:
         return sorted({e for (l, e, _), _r in self.expert_ranks.items() if l == layer})
 
-    def logical_keys(self) -> Iterator[str]:
-        for (l, e, p) in self.expert_ranks:
-            for part in ("lora_A", "lora_B"):
-                yield expert_param_key(l, e, p, part)
-        for (l, p) in self.attention_ranks:
-            for part in ("lora_A", "lora_B"):
-                yield attention_param_key(l, p, part)
-
     # ---- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
@@ -145,6 +137,3 @@ class AdapterPlan:
         if self.lori != other.lori:
             out.append(f"lori: {self.lori} -> {other.lori}")
         return out
-
-    def total_rank(self) -> int:
-        return sum(self.expert_ranks.values())

@@ -104,9 +104,6 @@ class ExpertLoRABank(nn.Module):
         B_G2R2F = torch.cat([torch.cat([B_g, zeros], dim=2), torch.cat([zeros, B_u], dim=2)], dim=1)
         return torch.cat([A_g, A_u], dim=2), B_G2R2F
 
-    def has_adapters(self) -> bool:
-        return len(self._keys) > 0
-
     def has_trainable(self) -> bool:
         return any(p.requires_grad for p in self.parameters())
 

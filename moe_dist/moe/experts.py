@@ -176,6 +176,3 @@ class ExpertParallelExperts(MoE):
     # ---- adapters & loading -----------------------------------------------------------
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return self.adapters.adapter_params()
-
-    def slot_of(self, expert: int) -> int:
-        return self.local_experts.index(expert)

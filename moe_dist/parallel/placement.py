@@ -8,7 +8,7 @@ are pure functions that return one of these.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,3 @@ class ExpertPlacement:
     def to_dict(self) -> dict:
         return {"owner": list(self.owner), "ep_size": self.ep_size}
 
-
-LayerPlacements = Mapping[int, ExpertPlacement]
-
-
-def contiguous_placements(moe_layers: Sequence[int], num_experts: int, ep_size: int) -> dict[int, ExpertPlacement]:
-    return {layer: ExpertPlacement.contiguous(num_experts, ep_size) for layer in moe_layers}
