@@ -80,10 +80,13 @@ class ExpertLoRABank(nn.Module):
             self.buckets[proj].append(
                 RankBucket(proj, r, tuple(s for s, _ in members), tuple(n for _, n in members), config.scale(r))
             )
+        self.gate_up_pairs, self.gate_up_singles = self._pair_gate_up()
+        self.trainable = any(p.requires_grad for p in self.parameters())
 
-    def gate_up_pairs(self) -> tuple[list[tuple[RankBucket, RankBucket]], list[RankBucket]]:
+    def _pair_gate_up(self) -> tuple[list[tuple[RankBucket, RankBucket]], list[RankBucket]]:
         """Gate and up buckets with the same rank over the same experts run fused (one A
-        matmul for both, one block-diagonal B matmul); the rest run alone."""
+        matmul for both, one block-diagonal B matmul); the rest run alone. Fixed at build
+        time, like the buckets."""
         up_by_key = {(b.rank, b.slots): b for b in self.buckets.get("up_proj", [])}
         pairs, single = [], []
         for g in self.buckets.get("gate_proj", []):
@@ -103,9 +106,6 @@ class ExpertLoRABank(nn.Module):
         zeros = B_g.new_zeros(G, Rp, F)
         B_G2R2F = torch.cat([torch.cat([B_g, zeros], dim=2), torch.cat([zeros, B_u], dim=2)], dim=1)
         return torch.cat([A_g, A_u], dim=2), B_G2R2F
-
-    def has_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.parameters())
 
     def stacked(self, bucket: RankBucket, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_GIRp, B_GRpO) for grouped matmul, scale folded into B, LoRI mask applied,

@@ -13,6 +13,8 @@ result is added in place to the base output rows of those experts (W + BA never 
 
 from __future__ import annotations
 
+import itertools
+
 from typing import Callable, Mapping
 
 import torch
@@ -139,23 +141,20 @@ class ExpertParallelExperts(MoE):
         """Local experts on rows sorted by local slot: grouped base matmuls + adapter buckets."""
         F = self.intermediate_size
         counts = tokens_per_expert
-        starts = [0] * len(counts)
-        for i in range(1, len(counts)):
-            starts[i] = starts[i - 1] + counts[i - 1]
+        starts = [0, *itertools.accumulate(counts)][:-1]
         offs_e = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_MD.device)
         x_MD = x_MD.to(self.gate_up_proj.dtype)
-        if torch.is_grad_enabled() and not x_MD.requires_grad and self.adapters.has_trainable():
+        if torch.is_grad_enabled() and not x_MD.requires_grad and self.adapters.trainable:
             # Adapter deltas are added in place into the base output rows; autograd allows
             # that only on a non-leaf. Happens when nothing upstream trains (frozen
             # embeddings, no attention LoRA): costs one unused input-gradient matmul.
             x_MD = x_MD.detach().requires_grad_()
         gate_up_M2F = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offs_e)
         bank = self.adapters
-        pairs, singles = bank.gate_up_pairs()
-        for gate, up in pairs:
+        for gate, up in bank.gate_up_pairs:
             A, B = bank.stacked_gate_up(gate, up, x_MD.dtype)
             _lora_delta(A, B, gate, x_MD, gate_up_M2F, starts, counts)
-        for bucket in singles:
+        for bucket in bank.gate_up_singles:
             cols = slice(0, F) if bucket.proj == "gate_proj" else slice(F, 2 * F)
             _lora_delta(*bank.stacked(bucket, x_MD.dtype), bucket, x_MD, gate_up_M2F[:, cols], starts, counts)
         h_MF = self.act_fn(gate_up_M2F[:, :F]) * gate_up_M2F[:, F:]
