@@ -1,40 +1,33 @@
-"""Entry point: `deepspeed [--num_gpus N] launch/train.py [--recipe R.yaml] [key=value ...]`.
+"""Entry point: `deepspeed [--num_gpus N | --hostfile H] launch/train.py --recipe R.yaml [key=value ...]`.
 
-Also runs as `python launch/train.py` (one process). parse -> build -> train -> close.
-This first version trains LoRA on every expert and attention projection on a synthetic
-counting task; datasets, evaluation, checkpoints and the routing-aware methods build
-on it (issues 3 and 4).
+Also runs as `python launch/train.py` (a world of one), under `torchrun` and under `mpirun`
+(DeepSpeed's MPI discovery through mpi4py). The config is checked before any process-group
+work; an exception on any rank prints the rank and the cause and ends that process non-zero,
+and the launcher then stops the other ranks (a rank blocked in a collective would otherwise
+wait for dist_timeout_s).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
 import os
 import sys
-import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+from moe_dist.config import ConfigError, RunConfig, load_config  # noqa: E402
 
-from moe_dist.config import load_config  # noqa: E402
-
-
-def counting_batch(batch: int, seq_len: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """Sequences that count up from a random start (mod the vocab, skipping special ids 0-2):
-    a task a random base model cannot do and LoRA learns within a few dozen steps."""
-    start = torch.randint(0, vocab - 3, (batch, 1), generator=generator)
-    return (start + torch.arange(seq_len)) % (vocab - 3) + 3
+LAUNCHED_BY = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
-def _single_process_env_if_unlaunched() -> None:
+def single_process_env_if_unlaunched() -> None:
     """`python launch/train.py` with no launcher: a world of one on localhost. Under
     deepspeed/torchrun (WORLD_SIZE) or mpirun (OMPI_/PMI_ variables) nothing is set, and
     DeepSpeed's MPI discovery (mpi4py) handles mpirun."""
-    launched = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-    if not any(k in os.environ for k in launched):
+    if not any(k in os.environ for k in LAUNCHED_BY):
         import socket
 
         with socket.socket() as s:
@@ -43,75 +36,76 @@ def _single_process_env_if_unlaunched() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=None)
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args, overrides = parser.parse_known_args(argv)
-    _single_process_env_if_unlaunched()
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
-    cfg = load_config(args.recipe, overrides)
-    cfg.validate(world)  # before any process-group work
+def world_size_from_env() -> int:
+    for key in LAUNCHED_BY:
+        if key in os.environ:
+            return int(os.environ[key])
+    return 1
 
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
-    from moe_dist.adapters.lora import LoRAConfig
-    from moe_dist.models.arch import expert_sizes, moe_layer_indices
-    from moe_dist.models.convert import trainable_params
-    from moe_dist.models.embedded import EMBEDDED_NAME, ensure_embedded_model
-    from moe_dist.models.loading import load_model
-    from moe_dist.optim import adamw
-    from moe_dist.plan import AdapterPlan
+def peek_num_experts(cfg: RunConfig) -> int | None:
+    """The model's expert count from its config alone (no weights), for validation."""
+    from moe_dist.models import embedded
+
+    if cfg.model == embedded.EMBEDDED_NAME:
+        return embedded.TINY_OLMOE["num_experts"]
     from transformers import AutoConfig
 
-    on_gpu = get_accelerator().device_name() == "cuda"
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
-    rank = torch.distributed.get_rank()
-    device = torch.device(get_accelerator().device_name(), get_accelerator().current_device()) if on_gpu else torch.device("cpu")
+    from moe_dist.models.arch import expert_sizes
 
-    path = cfg.model
-    if path == EMBEDDED_NAME:
-        if rank == 0:
-            ensure_embedded_model(cfg.cache_dir, cfg.seed)
-        torch.distributed.barrier()
-        path = str(ensure_embedded_model(cfg.cache_dir, cfg.seed))
-    hf_config = AutoConfig.from_pretrained(path)
-    num_experts, *_ = expert_sizes(hf_config)
-    layers = moe_layer_indices(hf_config)
-    plan = AdapterPlan.uniform(layers, num_experts, cfg.lora.rank,
-                               attention_layers=range(hf_config.num_hidden_layers) if cfg.lora.attention else ())
-    ep = cfg.ep_size or world
-    model = load_model(path, plan, ep_size=ep, lora=LoRAConfig(alpha=cfg.lora.alpha, rslora=cfg.lora.rslora, seed=cfg.seed),
-                       device=device)
-    ds_config = json.loads(Path(cfg.ds_config).read_text())
-    ds_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch
-    ds_config["bf16"] = {"enabled": on_gpu}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=adamw(model, cfg.lr), config=ds_config)
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.model)
+    except Exception:  # unreachable hub, missing dir: reported with context when loading
+        return None
+    return expert_sizes(hf_config)[0]  # an unsupported model type fails here, listing the supported
 
-    n_trainable = sum(p.numel() for p in trainable_params(model).values())
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    losses, t0 = [], time.perf_counter()
-    for step in range(cfg.steps):
-        ids = counting_batch(cfg.micro_batch, cfg.seq_len, hf_config.vocab_size, gen).to(device)
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-        if rank == 0 and (step % 10 == 0 or step == cfg.steps - 1):
-            print(f"step {step:4d}  loss {losses[-1]:.4f}", flush=True)
-    elapsed = time.perf_counter() - t0
-    summary = {
-        "world": world, "ep_size": ep, "trainable_params": n_trainable,
-        "first_loss": sum(losses[:5]) / min(5, len(losses)), "final_loss": sum(losses[-5:]) / min(5, len(losses)),
-        "tokens_per_sec": cfg.steps * cfg.micro_batch * cfg.seq_len * world / elapsed,
-    }
-    if rank == 0:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-        print("summary: " + json.dumps(summary))
-    engine.destroy()
+
+def parse(argv: list[str] | None) -> RunConfig:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=None, help="YAML recipe (launch/recipes/*.yaml)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.recipe, overrides)
+    cfg.validate(world_size_from_env(), peek_num_experts(cfg))
+    return cfg
+
+
+def run(cfg: RunConfig) -> dict:
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from moe_dist.train.trainer import Trainer
+
+    accel = get_accelerator()
+    on_gpu = accel.device_name() == "cuda"
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False,
+                               timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    device = torch.device(accel.device_name(), accel.current_device()) if on_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, device, bf16=on_gpu and accel.is_bf16_supported())
+    trainer.setup()
+    summary = trainer.run()
+    trainer.engine.destroy()
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    single_process_env_if_unlaunched()
+    from moe_dist.models.arch import UnsupportedModelError
+
+    try:
+        cfg = parse(argv)
+    except (ConfigError, UnsupportedModelError) as exc:
+        sys.exit(f"config error: {exc}")
+    try:
+        return run(cfg)
+    except BaseException as exc:  # noqa: BLE001 - report, then end this rank without waiting on peers
+        rank = os.environ.get("RANK", "?")
+        sys.stderr.write(f"[rank {rank}] FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -27,28 +27,95 @@ class LoRASection:
 
 
 @dataclass
+class DataSection:
+    train: str = "embedded:arithmetic"  # hub name, local json/jsonl/parquet file or dir, or embedded:arithmetic
+    eval: str = "embedded:arithmetic"  # where the held-out split comes from ("" = no evaluation)
+    subset: str = ""  # a hub dataset's configuration name (load_dataset's second argument)
+    train_split: str = "train"
+    eval_split: str = "test"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"  # chat rows, used when the prompt column is absent
+    seq_len: int = 128
+    packing: bool = True  # pack documents to seq_len; no attention across documents
+
+
+@dataclass
+class TrainSection:
+    steps: int = 150  # optimizer steps
+    micro_batch: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+    log_every: int = 5
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # evaluate every N steps (0 = before and after training only)
+    samples: int = 200  # held-out prompts (0 = the whole split)
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    before: bool = True  # also measure the base model
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # save every N steps (0 = only the final one)
+    keep: int = 2  # newest complete checkpoints kept
+    resume: str = ""  # "" (fresh), "auto" (newest complete under output_dir), or a step-N directory
+
+
+@dataclass
 class RunConfig:
     model: str = "embedded:tiny-olmoe"  # a local HF dir, a hub name, or the embedded default
+    method: str = "lora"  # lora: adapters on every expert (+ attention)
     ep_size: int = 0  # 0 = the whole world
-    steps: int = 60
-    lr: float = 1e-2
-    seq_len: int = 64
-    micro_batch: int = 8
     seed: int = 0
     ds_config: str = "ds_configs/zero2.json"
     output_dir: str = "outputs/run"
     cache_dir: str = ".cache/moe_dist"
+    embedded_pretrain_steps: int = -1  # -1 = the embedded model's default
+    dist_timeout_s: int = 900  # a collective that waits longer than this ends the job
     lora: LoRASection = field(default_factory=LoRASection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
-    def validate(self, world_size: int) -> None:
+    def validate(self, world_size: int, num_experts: int | None = None) -> None:
+        """Impossible combinations, named by key, before any process-group work."""
         ep = self.ep_size or world_size
+        if self.ep_size < 0:
+            raise ConfigError(f"ep_size must be >= 0, got {self.ep_size}")
         if world_size % ep:
             raise ConfigError(f"ep_size ({ep}) must divide the world size ({world_size})")
-        for name in ("steps", "seq_len", "micro_batch"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.lora.rank <= 0:
-            raise ConfigError(f"lora.rank must be > 0, got {self.lora.rank}")
+        if num_experts is not None and num_experts % ep:
+            raise ConfigError(f"ep_size ({ep}) must divide the model's expert count ({num_experts})")
+        for key in ("train.steps", "train.micro_batch", "train.grad_accum", "train.log_every", "data.seq_len",
+                    "lora.rank", "eval.max_new_tokens", "eval.batch_size", "checkpoint.keep"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) <= 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(getattr(self, section), name)}")
+        for key in ("train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "eval.every",
+                    "eval.samples", "checkpoint.every"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(getattr(self, section), name)}")
+        if not 0 <= self.train.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.train.min_lr_ratio}")
+        if self.train.warmup_steps > self.train.steps:
+            raise ConfigError(f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.steps ({self.train.steps})")
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is not one of {sorted(METHODS)}")
+        if not Path(self.ds_config).is_file():
+            raise ConfigError(f"ds_config: no such file {self.ds_config!r}")
+
+
+METHODS = ("lora",)
 
 
 def _coerce(value: Any, typ: type, key: str) -> Any:
@@ -79,6 +146,14 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
             setattr(obj, k, _coerce(v, hints[k], key))
 
 
+def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
+    """A config saved with `dataclasses.asdict` (e.g. in a checkpoint), then overrides."""
+    cfg = RunConfig()
+    _apply(cfg, data)
+    _apply_overrides(cfg, overrides)
+    return cfg
+
+
 def load_config(recipe: str | None, overrides: list[str]) -> RunConfig:
     cfg = RunConfig()
     if recipe:
@@ -86,6 +161,11 @@ def load_config(recipe: str | None, overrides: list[str]) -> RunConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{recipe}: a recipe must be a mapping")
         _apply(cfg, data)
+    _apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _apply_overrides(cfg: RunConfig, overrides: list[str]) -> None:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
@@ -97,4 +177,3 @@ def load_config(recipe: str | None, overrides: list[str]) -> RunConfig:
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = value
         _apply(cfg, nested)
-    return cfg

@@ -121,6 +121,10 @@ class ExpertParallelExperts(MoE):
             self.anchor = nn.Parameter(torch.zeros(1, device=device, dtype=adapter_dtype))
         for p in self.parameters():
             mark_expert_param(p, self.ep_size)
+        # Counters live in the model, decisions outside it (moe_dist.routing reads and resets).
+        # Integer, so a bf16 cast of the module leaves it exact; no host sync to update it.
+        self.register_buffer("routed_tokens_E", torch.zeros(num_experts, dtype=torch.long, device=device),
+                             persistent=False)
         self.dispatcher = self._make_dispatcher(device)
 
     def _make_dispatcher(self, device) -> LocalDispatcher | AllToAllDispatcher:
@@ -168,6 +172,8 @@ class ExpertParallelExperts(MoE):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if self.training:
+            self.routed_tokens_E += torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts)
         x_MD, meta = self.dispatcher.dispatch(hidden_states, top_k_index)
         y_MD = self.compute(x_MD, meta.tokens_per_expert)
         return self.dispatcher.combine(y_MD.to(hidden_states.dtype), top_k_weights, meta)

@@ -64,3 +64,15 @@ def mark_expert_param(p: torch.nn.Parameter, ep_size: int) -> None:
     """
     p.allreduce = False
     p.group_name = group_name(ep_size)
+
+
+def writes_canonical_copy(p: torch.nn.Parameter) -> bool:
+    """Whether this rank is the one that saves `p`: for an expert parameter the first rank of
+    its expert-data-parallel group (each EP shard once), otherwise global rank 0."""
+    if not dist.is_initialized():
+        return True
+    if getattr(p, "allreduce", True) is False:
+        from deepspeed.utils import groups
+
+        return groups._get_expert_data_parallel_rank(p.group_name) == 0
+    return dist.get_rank() == 0

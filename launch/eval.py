@@ -1,0 +1,76 @@
+"""Exact-match evaluation of a checkpoint: `python launch/eval.py --checkpoint DIR [key=value ...]`
+(or under `deepspeed --num_gpus N`, any world size: the checkpoint's logical keys load on any
+EP size). The run's own config is read from the checkpoint; overrides change it (e.g.
+`data.eval=my_test.jsonl eval.samples=0`). Prints the result and writes it to
+output_dir/eval-step-N.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launch.train import single_process_env_if_unlaunched, world_size_from_env  # noqa: E402
+from moe_dist.config import ConfigError, config_from_dict  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a step-N directory under output_dir/checkpoints")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args(argv)
+    single_process_env_if_unlaunched()
+    from moe_dist.train.checkpoint import ResumeError, read_trainer_state, resolve_resume
+
+    try:
+        path = resolve_resume(args.checkpoint, ".")
+        state = read_trainer_state(path)
+        cfg = config_from_dict(state["config"], ["ep_size=0", "checkpoint.resume=", *overrides])
+        cfg.validate(world_size_from_env())
+    except (ConfigError, ResumeError) as exc:
+        sys.exit(f"eval error: {exc}")
+
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from transformers import AutoTokenizer
+
+    from moe_dist.models.convert import adapter_params
+    from moe_dist.plan import AdapterPlan
+    from moe_dist.train.checkpoint import load_adapter_values
+    from moe_dist.train.evaluate import exact_match
+    from moe_dist.train.trainer import build_model, load_eval_set, resolve_model_path
+
+    accel = get_accelerator()
+    on_gpu = accel.device_name() == "cuda"
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False,
+                               timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    device = torch.device(accel.device_name(), accel.current_device()) if on_gpu else torch.device("cpu")
+    world = torch.distributed.get_world_size()
+    model_dir = resolve_model_path(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    plan = AdapterPlan.from_json((path / "plan.json").read_text())
+    model = build_model(cfg, model_dir, plan, world, device, bf16=on_gpu and accel.is_bf16_supported())
+    load_adapter_values(path, adapter_params(model))
+    rank0 = torch.distributed.get_rank() == 0
+    eval_set = load_eval_set(cfg, tokenizer, model_dir, print if rank0 else (lambda _: None))
+    if eval_set is None:
+        sys.exit("eval error: data.eval is empty; name a held-out dataset")
+    result = exact_match(model, tokenizer, *eval_set, cfg.eval.max_new_tokens, cfg.eval.batch_size, device)
+    result.update(checkpoint=str(path), step=state["step"], world_size=world)
+    if rank0:
+        out = Path(cfg.output_dir) / f"eval-step-{state['step']}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"exact match {result['accuracy']:.3f} ({result['correct']}/{result['total']}) on {cfg.data.eval} "
+              f"split {cfg.data.eval_split}; written to {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

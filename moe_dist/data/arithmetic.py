@@ -1,0 +1,260 @@
+"""A synthetic multi-step arithmetic word-problem task, and the text the embedded base model
+is pre-trained on.
+
+Why synthetic: the default model must be fine-tuned and evaluated with no downloads, and the
+result must show LoRA doing something measurable. A problem is a short story over small
+numbers ("Ann has 3 apples. She buys 4 more. She gives away 2. How many apples does Ann have
+now?"); the response works it out in a fixed short chain ("3 + 4 = 7. 7 - 2 = 5. Answer: 5"),
+so each token needs one copied number or one small addition/subtraction fact, which a tiny
+model can learn.
+
+The pre-training corpus teaches the same vocabulary, the same arithmetic facts and what the
+verbs mean, but never in the question/answer form: there are no questions, no "Answer:" and
+no prompt/response separator. The base model therefore knows the pieces but scores near zero
+exact-match, and fine-tuning has to teach the format and the mapping from the story to the
+chain, which is what raises exact-match.
+
+Everything is deterministic in `seed`. Train and test are disjoint by construction: a
+problem's split is a hash of its arithmetic skeleton (start value and signed steps), so the
+test set holds number chains never seen in training under any name or object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "test")
+TEST_FRACTION = 0.2  # of the problem skeletons
+
+MAX_VALUE = 20  # every number in a problem, running totals included, lies in 0..MAX_VALUE
+START_RANGE = (2, 12)
+AMOUNT_RANGE = (1, 6)
+STEP_COUNTS = (2, 3)
+
+# Ends every prompt: the response follows directly. A newline is its own pre-token whatever
+# follows, so the prompt and response tokenize the same apart as joined.
+PROMPT_SUFFIX = "\n"
+
+NAMES: tuple[tuple[str, str], ...] = (
+    ("Ann", "She"), ("Tom", "He"), ("Mia", "She"), ("Sam", "He"), ("Lily", "She"), ("Ben", "He"),
+    ("Emma", "She"), ("Jack", "He"), ("Zoe", "She"), ("Max", "He"), ("Ruth", "She"), ("Leo", "He"),
+)
+OBJECTS: tuple[str, ...] = ("apples", "pens", "cards", "books", "coins", "shells", "stamps", "marbles",
+                            "cookies", "stickers", "toys", "eggs")
+# Present tense for the task; past tense and "when ..." sentences for the corpus.
+GAIN_VERBS: tuple[tuple[str, str], ...] = (("buys", "bought"), ("finds", "found"), ("gets", "got"), ("wins", "won"))
+LOSS_VERBS: tuple[tuple[str, str], ...] = (("gives away", "gave away"), ("loses", "lost"), ("sells", "sold"),
+                                           ("uses", "used"))
+
+
+@dataclass(frozen=True)
+class Step:
+    amount: int  # signed: +3 is a gain of 3, -2 a loss of 2
+    verb: int  # index into GAIN_VERBS or LOSS_VERBS by sign
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: int
+    obj: int
+    start: int
+    steps: tuple[Step, ...]
+
+    def totals(self) -> list[int]:
+        """Running totals after each step (the last one is the answer)."""
+        out, value = [], self.start
+        for s in self.steps:
+            value += s.amount
+            out.append(value)
+        return out
+
+    def skeleton(self) -> str:
+        """The arithmetic alone: what decides the split, so no number chain is in both."""
+        return ",".join([str(self.start)] + [f"{s.amount:+d}" for s in self.steps])
+
+
+def _verb(step: Step, past: bool) -> str:
+    table = GAIN_VERBS if step.amount > 0 else LOSS_VERBS
+    return table[step.verb][1 if past else 0]
+
+
+def _equation(a: int, b: int) -> str:
+    """`a + b = c` or `a - b = c` for the signed step b: the one form of a fact used everywhere."""
+    return f"{a} {'+' if b > 0 else '-'} {abs(b)} = {a + b}"
+
+
+def render_prompt(p: Problem) -> str:
+    """The question, ending with PROMPT_SUFFIX so the response can follow directly."""
+    name, pron = NAMES[p.name]
+    obj = OBJECTS[p.obj]
+    parts = [f"{name} has {p.start} {obj}."]
+    for s in p.steps:
+        more = " more" if s.amount > 0 else ""
+        parts.append(f"{pron} {_verb(s, past=False)} {abs(s.amount)}{more}.")
+    parts.append(f"How many {obj} does {name} have now?")
+    return " ".join(parts) + PROMPT_SUFFIX
+
+
+def render_response(p: Problem) -> str:
+    """One equation per step, then the answer: short, and each token is a copy or one fact."""
+    value, eqs = p.start, []
+    for s in p.steps:
+        eqs.append(_equation(value, s.amount) + ".")
+        value += s.amount
+    return " ".join(eqs) + f" Answer: {value}"
+
+
+def _sample_problem(rng: random.Random) -> Problem | None:
+    """A random problem, or None when a running total leaves 0..MAX_VALUE (the caller redraws)."""
+    start = rng.randint(*START_RANGE)
+    value, steps = start, []
+    for _ in range(rng.choice(STEP_COUNTS)):
+        amount = rng.randint(*AMOUNT_RANGE) * rng.choice((1, -1))
+        value += amount
+        if not 0 <= value <= MAX_VALUE:
+            return None
+        table = GAIN_VERBS if amount > 0 else LOSS_VERBS
+        steps.append(Step(amount, rng.randrange(len(table))))
+    return Problem(rng.randrange(len(NAMES)), rng.randrange(len(OBJECTS)), start, tuple(steps))
+
+
+def split_of(p: Problem) -> str:
+    """'test' for a fixed hash-chosen TEST_FRACTION of skeletons, else 'train' (seed-free, so
+    every seed and every process agrees on the split)."""
+    h = int.from_bytes(hashlib.sha256(p.skeleton().encode()).digest()[:8], "little")
+    return "test" if (h % 10_000) < TEST_FRACTION * 10_000 else "train"
+
+
+def _split_seed(seed: int, split: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"arithmetic:{seed}:{split}".encode()).digest()[:8], "little")
+
+
+def make_examples(n: int, seed: int, split: str) -> list[dict]:
+    """`n` distinct problems of `split` as {"prompt", "response"} dicts, deterministic in `seed`.
+
+    Problems are drawn and kept only if their skeleton hashes into `split`, so train and test
+    never share a number chain whatever seeds and sizes are used."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng = random.Random(_split_seed(seed, split))
+    seen: set[str] = set()
+    out: list[dict] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 1000 * (n + 10):
+            raise ValueError(f"cannot draw {n} distinct {split} problems (only {len(out)} found)")
+        p = _sample_problem(rng)
+        if p is None or split_of(p) != split:
+            continue
+        prompt = render_prompt(p)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        out.append({"prompt": prompt, "response": render_response(p)})
+    return out
+
+
+def write_task(directory: str | Path, n_train: int, n_test: int, seed: int) -> dict[str, Path]:
+    """Write `train.jsonl` and `test.jsonl` (one {"prompt", "response"} object a line) and
+    return their paths by split: the files the training and evaluation code read."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        path = directory / f"{split}.jsonl"
+        lines = (json.dumps(ex, ensure_ascii=False) for ex in make_examples(n, seed, split))
+        path.write_text("".join(line + "\n" for line in lines))
+        paths[split] = path
+    return paths
+
+
+def read_task(path: str | Path) -> list[dict]:
+    """The examples of one jsonl file written by `write_task`."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---- pre-training corpus -----------------------------------------------------------------
+
+def _fact_document(rng: random.Random) -> str:
+    """A line of addition/subtraction facts in the exact equation form the responses use."""
+    facts = []
+    for _ in range(rng.randint(4, 10)):
+        a = rng.randint(0, MAX_VALUE)
+        b = rng.randint(-min(a, AMOUNT_RANGE[1] * 2), min(MAX_VALUE - a, AMOUNT_RANGE[1] * 2)) or 1
+        if not 0 <= a + b <= MAX_VALUE:
+            b = -b
+        facts.append(_equation(a, b) + ".")
+    return " ".join(facts)
+
+
+def _story_document(rng: random.Random) -> str:
+    """A past-tense story with the running total worked out inline: ties each verb to + or -,
+    without the question, the present tense or the answer chain of the task."""
+    p = None
+    while p is None:
+        p = _sample_problem(rng)
+    name, _ = NAMES[p.name]
+    obj = OBJECTS[p.obj]
+    value, parts = p.start, [f"{name} had {p.start} {obj}."]
+    for s in p.steps:
+        new = value + s.amount
+        parts.append(f"Then {name} {_verb(s, past=True)} {abs(s.amount)}, and {_equation(value, s.amount)}, "
+                     f"so {name} had {new} {obj}.")
+        value = new
+    return " ".join(parts)
+
+
+def _recap_document(rng: random.Random) -> str:
+    """A past-tense story told first and worked out after: practises recalling the numbers of
+    a whole story and chaining the equations, still without the task's question or answer form."""
+    p = None
+    while p is None:
+        p = _sample_problem(rng)
+    name, _ = NAMES[p.name]
+    obj = OBJECTS[p.obj]
+    events = [f"{_verb(s, past=True)} {abs(s.amount)}" for s in p.steps]
+    value, eqs = p.start, []
+    for s in p.steps:
+        eqs.append(_equation(value, s.amount))
+        value += s.amount
+    return (f"{name} had {p.start} {obj}. {name} {', then '.join(events)}. "
+            f"Working it out: {' and '.join(eqs)}, so in the end {name} had {value} {obj}.")
+
+
+def _meaning_document(rng: random.Random) -> str:
+    """One 'when ...' sentence per verb: what the present-tense verbs of the task do."""
+    name, pron = NAMES[rng.randrange(len(NAMES))]
+    obj = OBJECTS[rng.randrange(len(OBJECTS))]
+    n = rng.randint(*AMOUNT_RANGE)
+    if rng.random() < 0.5:
+        verb = GAIN_VERBS[rng.randrange(len(GAIN_VERBS))][0]
+        return f"When {name} {verb} {n} {obj}, {pron.lower()} has {n} more {obj} than before."
+    verb = LOSS_VERBS[rng.randrange(len(LOSS_VERBS))][0]
+    return f"When {name} {verb} {n} {obj}, {pron.lower()} has {n} fewer {obj} than before."
+
+
+_DOCUMENT_KINDS = ((_story_document, 0.35), (_recap_document, 0.3), (_fact_document, 0.2), (_meaning_document, 0.15))
+
+
+def pretraining_corpus(n: int, seed: int) -> list[str]:
+    """`n` short documents (stories, recaps, fact lines, verb meanings), deterministic in `seed`: what
+    the embedded base model learns the words and the arithmetic from before any fine-tuning."""
+    rng = random.Random(_split_seed(seed, "pretrain"))
+    kinds = [k for k, _ in _DOCUMENT_KINDS]
+    weights = [w for _, w in _DOCUMENT_KINDS]
+    return [rng.choices(kinds, weights)[0](rng) for _ in range(n)]
+
+
+def task_vocabulary() -> list[str]:
+    """Every word and symbol the task can use, including the ones only the task uses (the
+    question words, PROMPT_SUFFIX): fed to the tokenizer trainer so they get merges too."""
+    words = [n for n, _ in NAMES] + [p for _, p in NAMES] + list(OBJECTS)
+    words += [v for pair in GAIN_VERBS + LOSS_VERBS for v in pair]
+    words += [str(i) for i in range(MAX_VALUE + 1)]
+    sample = make_examples(20, seed=0, split="train")
+    return [" ".join(words)] + [ex["prompt"] + ex["response"] for ex in sample]

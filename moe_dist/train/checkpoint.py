@@ -1,0 +1,266 @@
+"""Checkpoints that survive a changed placement, EP size or world size.
+
+DeepSpeed's own expert checkpoints name files by EP rank and assume contiguous placement
+(see shared/notes/deepspeed-0.19.8.md), so we write our own, keyed by logical adapter keys:
+
+    output_dir/checkpoints/step-N/
+        plan.json                       which adapters exist, their ranks
+        adapters-rank{R}.safetensors    fp32 master values, logical keys, each key once
+        optimizer-rank{R}.safetensors   `{key}/exp_avg`, `{key}/exp_avg_sq`, same writers
+        rng-rank{R}.pt                  RNG states (restored when the world size matches)
+        routing.safetensors             routing counters at save time
+        trainer_state.json              step, scheduler, data position, world/EP, files
+
+Full (un-partitioned) values come from ZeRO through deepspeed.utils' tensor-fragment API, a
+collective over each parameter's data-parallel group. Base weights are never copied.
+Atomic: all ranks write into `.tmp-step-N/`, then rank 0 writes trainer_state.json and renames
+the directory; a crash at any point leaves the previous `step-*` directories untouched and
+the partial one invisible (resume only considers `step-N` directories). Multi-node runs need
+output_dir on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moe_dist.parallel.groups import writes_canonical_copy
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := STEP_DIR.match(d.name)) and (d / STATE_FILE).is_file()]
+    return sorted(found)
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """`""` -> None; `auto` -> newest complete checkpoint (or None: a fresh start); else a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(checkpoint_root(output_dir))
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ResumeError(f"checkpoint.resume: {resume!r} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+# ---- gather -------------------------------------------------------------------------------
+def link_optimizer_state(engine) -> None:
+    """Point every parameter's ZeRO fragment at its optimizer state.
+
+    DeepSpeed 0.19.8 bug (stage 1/2): the link is made once, right after the first param
+    group's optimizer step, when later groups (the MoE expert groups) have no state yet, and
+    never again; their `safe_get_full_optimizer_state` then fails with "exp_avg not found in
+    optimizer state fragment". Re-linking once every group has state fixes it.
+    """
+    zero = getattr(engine, "optimizer", None)
+    if zero is not None and hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def _ordered(params: dict[str, torch.nn.Parameter]) -> list[tuple[str, torch.nn.Parameter]]:
+    """Dense parameters first, then expert ones, each sorted: the fragment API is a collective
+    per parameter over its data-parallel group, so every group member must go in one order."""
+    return sorted(params.items(), key=lambda kv: (getattr(kv[1], "allreduce", True) is False, kv[0]))
+
+
+def full_state(params: dict[str, torch.nn.Parameter], with_optimizer: bool) -> tuple[dict, dict]:
+    """(values, optimizer state) of every param, full and fp32, by logical key."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    values, optim = {}, {}
+    for key, p in _ordered(params):
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        values[key] = (full if full is not None else p.detach().float()).cpu().contiguous()
+        if with_optimizer and p.requires_grad:
+            for name in OPTIM_KEYS:
+                state = safe_get_full_optimizer_state(p, name)
+                if state is not None:
+                    optim[f"{key}/{name}"] = state.cpu().contiguous()
+    return values, optim
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- save ---------------------------------------------------------------------------------
+def save_checkpoint(output_dir: str | Path, step: int, engine, params: dict[str, torch.nn.Parameter], plan_json: str,
+                    trainer_state: dict, routing_tokens_LE: torch.Tensor | None, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    rank, world = _rank_world()
+    root = checkpoint_root(output_dir)
+    tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
+        tmp.mkdir(parents=True)
+    _barrier()
+    link_optimizer_state(engine)
+    values, optim = full_state(params, with_optimizer=True)
+    mine = {k for k, p in params.items() if writes_canonical_copy(p)}
+    if mine:
+        save_file({k: v for k, v in values.items() if k in mine}, str(tmp / f"adapters-rank{rank:05d}.safetensors"))
+        opt_mine = {k: v for k, v in optim.items() if k.rsplit("/", 1)[0] in mine}
+        if opt_mine:
+            save_file(opt_mine, str(tmp / f"optimizer-rank{rank:05d}.safetensors"))
+    torch.save(_rng_state(), tmp / f"rng-rank{rank:05d}.pt")
+    _barrier()
+    if rank == 0:
+        (tmp / "plan.json").write_text(plan_json)
+        if routing_tokens_LE is not None:
+            save_file({"tokens_LE": routing_tokens_LE.contiguous()}, str(tmp / "routing.safetensors"))
+        state = dict(trainer_state, step=step, world_size=world)
+        with open(tmp / STATE_FILE, "w") as f:  # written last: its presence marks completeness
+            json.dump(state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. after a resume): swap, never delete first
+            old = root / f".old-step-{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        for _, stale in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    return final
+
+
+# ---- load ---------------------------------------------------------------------------------
+def _key_index(path: Path, prefix: str) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for f in sorted(path.glob(f"{prefix}-rank*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            index.update({k: f for k in sf.keys()})
+    return index
+
+
+def _read(index: dict[str, Path], keys: list[str]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(index[k], []).append(k)
+    for f, ks in by_file.items():
+        with safe_open(str(f), framework="pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in ks})
+    return out
+
+
+def load_adapter_values(path: Path, params: dict[str, torch.nn.Parameter]) -> int:
+    """Copy saved values into this rank's params (before the engine is built, so ZeRO's fp32
+    partitions start from them). Every param must be in the checkpoint."""
+    index = _key_index(path, "adapters")
+    missing = sorted(set(params) - set(index))
+    if missing:
+        raise ResumeError(f"checkpoint {path} lacks {len(missing)} adapter tensors this run needs, e.g. {missing[:3]}; "
+                          "was it written with a different plan?")
+    saved = _read(index, list(params))
+    with torch.no_grad():
+        for k, p in params.items():
+            if saved[k].shape != p.shape:
+                raise ResumeError(f"checkpoint {path}: {k} has shape {tuple(saved[k].shape)}, the model {tuple(p.shape)}")
+            p.copy_(saved[k].to(p.dtype))
+    return len(saved)
+
+
+def load_optimizer_state(path: Path, engine, params: dict[str, torch.nn.Parameter], optimizer_step: int) -> int:
+    """Write saved Adam moments into the ZeRO partitions (after deepspeed.initialize).
+
+    torch's Adam creates its state lazily at the first step, and ZeRO links the per-parameter
+    fragments only then; we create the state (zeros, step count) the way that first step
+    would and ask ZeRO to link it (a private method: the one seam on DeepSpeed internals here).
+    """
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    index = _key_index(path, "optimizer")
+    if not index:
+        return 0
+    base = engine.optimizer.optimizer
+    for group in base.param_groups:
+        for flat in group["params"]:
+            if not base.state[flat]:
+                base.state[flat].update(step=torch.tensor(float(optimizer_step)), exp_avg=torch.zeros_like(flat),
+                                        exp_avg_sq=torch.zeros_like(flat))
+    link_optimizer_state(engine)
+    keys = [f"{k}/{n}" for k, p in params.items() if p.requires_grad for n in OPTIM_KEYS]
+    missing = [k for k in keys if k not in index]
+    if missing:
+        raise ResumeError(f"checkpoint {path} lacks optimizer state for {missing[:3]}")
+    saved = _read(index, keys)
+    for k in keys:
+        key, name = k.rsplit("/", 1)
+        p = params[key]
+        safe_set_full_optimizer_state(p, saved[k].to(p.device), name)
+    return len(keys)
+
+
+def load_rng_state(path: Path) -> bool:
+    """Restore this rank's RNG if the checkpoint has one for it (same world size)."""
+    rank, world = _rank_world()
+    f = path / f"rng-rank{rank:05d}.pt"
+    if read_trainer_state(path).get("world_size") != world or not f.is_file():
+        return False
+    _set_rng_state(torch.load(f, weights_only=False))
+    return True

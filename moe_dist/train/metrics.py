@@ -1,0 +1,85 @@
+"""What a run reports: TensorBoard, metrics.jsonl, a progress bar, structure-change events.
+
+Only rank 0 writes; other ranks get a logger whose methods do nothing, so call sites need
+no rank checks. metrics.jsonl is appended and flushed per line, so a killed run keeps every
+logged step, and a resumed run continues the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def heatmap_rgb(share_LE: torch.Tensor) -> torch.Tensor:
+    """(3, L*cell, E*cell) uint8 image of per-layer expert load, each row scaled to its max.
+
+    A small dark-blue -> yellow ramp; no plotting library needed."""
+    x = share_LE / share_LE.amax(-1, keepdim=True).clamp(min=1e-12)
+    r, g, b = x, x.sqrt(), 0.5 * (1 - x)
+    img = (torch.stack([r, g, b]) * 255).round().to(torch.uint8)
+    cell = max(1, min(16, 512 // max(share_LE.shape[1], 1)))
+    return img.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, start_step: int = 0):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.t0 = time.time()
+
+    def step(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(f"train/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        self.print(f"step {step}: {shown}")
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(n)
+
+    def eval(self, step: int, result: dict) -> None:
+        if self.enabled:
+            self.writer.add_scalar("eval/exact_match", result["accuracy"], step)
+            self.jsonl.write(json.dumps({"step": step, "eval_exact_match": result["accuracy"]}) + "\n")
+            self.jsonl.flush()
+            self.print(f"step {step}: exact match {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
+
+    def expert_load(self, step: int, share_LE: torch.Tensor) -> None:
+        if self.enabled:
+            self.writer.add_image("routing/expert_load", heatmap_rgb(share_LE), step, dataformats="CHW")
+
+    def event(self, step: int, text: str) -> None:
+        """A structure change (adapters pruned, grown, moved): TensorBoard text + a jsonl line."""
+        if self.enabled:
+            self.writer.add_text("events", text, step)
+            self.jsonl.write(json.dumps({"step": step, "event": text}) + "\n")
+            self.jsonl.flush()
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()
+            self.jsonl.close()

@@ -1,0 +1,271 @@
+"""One fine-tuning run, in the order it happens: model -> data -> engine -> (resume) ->
+evaluate -> train steps (log, evaluate, checkpoint) -> evaluate -> summary.
+
+Everything rank-dependent is explicit (rank, world, EP size); every collective is taken by
+all ranks in the same order (evaluation, routing stats, checkpoints are collectives).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moe_dist.adapters.lora import LoRAConfig
+from moe_dist.config import RunConfig
+from moe_dist.data.dataset import RowEncoder, encode_dataset, load_rows
+from moe_dist.data.packing import ShardedBatches
+from moe_dist.models.arch import expert_sizes, moe_layer_indices
+from moe_dist.models.convert import adapter_params, trainable_params
+from moe_dist.models.loading import load_model, resolve_checkpoint
+from moe_dist.parallel.groups import writes_canonical_copy
+from moe_dist.plan import AdapterPlan
+from moe_dist.routing import collect_routing_stats, experts_modules
+from moe_dist.train import checkpoint as ckpt
+from moe_dist.train.engine import build_engine
+from moe_dist.train.evaluate import exact_match
+from moe_dist.train.metrics import MetricsLogger
+
+EMBEDDED_TASK = "embedded:arithmetic"
+
+
+def resolve_model_path(cfg: RunConfig) -> Path:
+    """The checkpoint directory; the embedded default is built once (local rank 0) and cached."""
+    from moe_dist.models.embedded import DEFAULT_PRETRAIN_STEPS, EMBEDDED_NAME, ensure_embedded_model
+
+    if cfg.model != EMBEDDED_NAME:
+        return resolve_checkpoint(cfg.model)
+    steps = DEFAULT_PRETRAIN_STEPS if cfg.embedded_pretrain_steps < 0 else cfg.embedded_pretrain_steps
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        ensure_embedded_model(cfg.cache_dir, cfg.seed, steps)
+    if dist.is_initialized():
+        dist.barrier()
+    return ensure_embedded_model(cfg.cache_dir, cfg.seed, steps)
+
+
+def resolve_data_source(source: str, model_dir: Path, cfg: RunConfig, role: str) -> str:
+    if source != EMBEDDED_TASK:
+        return source
+    from moe_dist.models.embedded import embedded_task_files
+
+    return str(embedded_task_files(model_dir)[role])
+
+
+def load_eval_set(cfg: RunConfig, tokenizer, model_dir: Path, log=print) -> tuple[list, list] | None:
+    """(prompt token ids, reference answers) of the held-out split, or None without one."""
+    d = cfg.data
+    if not d.eval:
+        return None
+    encoder = RowEncoder(tokenizer, d.prompt_column, d.response_column, d.messages_column)
+    rows = load_rows(resolve_data_source(d.eval, model_dir, cfg, "test"), d.eval_split, d.subset)
+    if cfg.eval.samples:
+        rows = rows.select(range(min(cfg.eval.samples, len(rows))))
+    evals, report = encode_dataset(rows, encoder, d.seq_len, d.eval, for_generation=True)
+    log(report.line())
+    return evals["prompt_ids"], evals["reference"]
+
+
+def build_plan(cfg: RunConfig, hf_config) -> AdapterPlan:
+    num_experts, *_ = expert_sizes(hf_config)
+    attention = range(hf_config.num_hidden_layers) if cfg.lora.attention else ()
+    return AdapterPlan.uniform(moe_layer_indices(hf_config), num_experts, cfg.lora.rank, attention_layers=attention)
+
+
+def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int, device: torch.device,
+                bf16: bool) -> torch.nn.Module:
+    """The converted model: frozen base (bf16 on GPU, fp32 on CPU) + fp32 adapters from `plan`."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = load_model(str(model_dir), plan, ep_size=ep_size, dtype=dtype, device=device,
+                       lora=LoRAConfig(alpha=cfg.lora.alpha, rslora=cfg.lora.rslora, seed=cfg.seed))
+    model.config.use_cache = False
+    return model
+
+
+def _global_sum(x: float, device) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.item()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, device: torch.device, bf16: bool):
+        self.cfg, self.device, self.bf16 = cfg, device, bf16
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.ep_size = cfg.ep_size or self.world
+        self.is_main = self.rank == 0
+        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
+        self.step = 0
+
+    def log(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    # ---- setup ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        cfg = self.cfg
+        self.model_dir = resolve_model_path(cfg)
+        self.hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if self.resume_from is not None:
+            self.plan = AdapterPlan.from_json((self.resume_from / "plan.json").read_text())
+        else:
+            self.plan = build_plan(cfg, self.hf_config)
+        self.model = build_model(cfg, self.model_dir, self.plan, self.ep_size, self.device, self.bf16)
+        self.params = trainable_params(self.model)
+        trainer_state = {}
+        if self.resume_from is not None:
+            n = ckpt.load_adapter_values(self.resume_from, adapter_params(self.model))
+            trainer_state = ckpt.read_trainer_state(self.resume_from)
+            self.step = trainer_state["step"]
+            self.log(f"resuming from {self.resume_from} (step {self.step}, saved by world {trainer_state['world_size']} "
+                     f"EP {trainer_state['ep_size']}): {n} adapter tensors loaded on rank 0")
+        self._setup_data()
+        self.engine, self.scheduler = build_engine(self.model, cfg, self.bf16)
+        if self.resume_from is not None:
+            ckpt.load_optimizer_state(self.resume_from, self.engine, self.params, trainer_state["optimizer_step"])
+            self.scheduler.load_state_dict(trainer_state["scheduler"])
+            # LambdaLR.load_state_dict restores its counter, not the optimizer's current lr.
+            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
+            self.batches.load_state_dict(trainer_state["data_position"])
+            if not ckpt.load_rng_state(self.resume_from):
+                torch.manual_seed(cfg.seed + self.step)
+        self.trainable_total = int(_global_sum(sum(p.numel() for p in self.params.values()
+                                                   if writes_canonical_copy(p)), self.device))
+
+    def _setup_data(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        encoder = RowEncoder(self.tokenizer, d.prompt_column, d.response_column, d.messages_column)
+        source = resolve_data_source(d.train, self.model_dir, cfg, "train")
+        train, report = encode_dataset(load_rows(source, d.train_split, d.subset), encoder, d.seq_len, d.train)
+        self.log(report.line())
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        examples = list(zip(train["input_ids"], train["labels"]))
+        self.batches = ShardedBatches(examples, d.seq_len, cfg.train.micro_batch, self.rank, self.world, cfg.seed,
+                                      d.packing, pad_id)
+        self.eval_set = load_eval_set(cfg, self.tokenizer, self.model_dir, self.log)
+
+    # ---- pieces of a step -------------------------------------------------------------------
+    def evaluate(self) -> dict | None:
+        if self.eval_set is None:
+            return None
+        prompts, refs = self.eval_set
+        return exact_match(self.engine.module, self.tokenizer, prompts, refs, self.cfg.eval.max_new_tokens,
+                           self.cfg.eval.batch_size, self.device)
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss (this rank)."""
+        losses = []
+        for _ in range(self.cfg.train.grad_accum):
+            batch = {k: v.to(self.device) for k, v in self.batches.next_batch().items()}
+            loss = self.engine(**batch, use_cache=False).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+        fail_at = os.environ.get("MOE_DIST_FAIL_AT")  # "rank:step": a test hook for crash handling
+        if fail_at and fail_at == f"{self.rank}:{self.step + 1}":
+            raise RuntimeError(f"injected failure (MOE_DIST_FAIL_AT={fail_at})")
+        return torch.stack(losses).mean().item()
+
+    def save(self, routing_total_LE: torch.Tensor | None) -> Path:
+        state = {"optimizer_step": self.step, "scheduler": self.scheduler.state_dict(),
+                 "data_position": self.batches.state_dict(), "ep_size": self.ep_size, "method": self.cfg.method,
+                 "config": asdict(self.cfg)}
+        return ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.engine, adapter_params(self.model), self.plan.to_json(),
+                                    state, routing_total_LE, self.cfg.checkpoint.keep)
+
+    def adapter_flops_per_token(self, share_LE: torch.Tensor, layers: list[int]) -> float:
+        """Expected adapter FLOPs of one token under the measured routing load."""
+        top_k = getattr(self.hf_config, "num_experts_per_tok", 1)
+        mods = experts_modules(self.model)
+        expert = sum(share_LE[i, e].item() * top_k * mods[layer].adapters.flops_per_token(e)
+                     for i, layer in enumerate(layers) for e in mods[layer].local_experts)
+        expert = _global_sum(expert, self.device) / (self.world // self.ep_size)  # EDP replicas counted once
+        attention = sum(2 * p.numel() for k, p in adapter_params(self.model).items() if ".self_attn." in k)
+        return expert + attention
+
+    # ---- the run ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        logger = MetricsLogger(cfg.output_dir, self.is_main, cfg.train.steps, self.step)
+        tokens_per_step = cfg.train.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * self.world
+        self.log(f"model {cfg.model} ({self.hf_config.model_type}), world {self.world}, EP {self.ep_size}, "
+                 f"method {cfg.method}, trainable params {self.trainable_total:,}, logs in {cfg.output_dir}")
+        before = self.evaluate() if cfg.eval.before and self.step == 0 else None
+        if before:
+            logger.eval(self.step, before)
+        routing_total_LE, layers = None, []
+        losses, times = [], []
+        t_log, steps_since_log = time.perf_counter(), 0
+        collect_routing_stats(self.model)  # reset counters touched by evaluation
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            self.step += 1
+            times.append(time.perf_counter() - t0)
+            losses.append(loss)
+            steps_since_log += 1
+            logger.advance()
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                stats = collect_routing_stats(self.model)
+                layers = stats.layers
+                routing_total_LE = stats.tokens_LE if routing_total_LE is None else routing_total_LE + stats.tokens_LE
+                elapsed = time.perf_counter() - t_log
+                mean_loss = _global_sum(sum(losses[-steps_since_log:]) / steps_since_log, self.device) / self.world
+                logger.step(self.step, {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                                        "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                                        "tokens_per_sec": tokens_per_step * steps_since_log / elapsed,
+                                        "trainable_params": self.trainable_total})
+                logger.expert_load(self.step, stats.load_share_LE())
+                t_log, steps_since_log = time.perf_counter(), 0
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                logger.eval(self.step, self.evaluate())
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
+                path = self.save(routing_total_LE)
+                logger.print(f"checkpoint {path}")
+        after = self.evaluate()
+        if after:
+            logger.eval(self.step, after)
+        final = self.save(routing_total_LE)
+        logger.close()
+        share_LE = (routing_total_LE / routing_total_LE.sum(-1, keepdim=True).clamp(min=1)
+                    if routing_total_LE is not None else None)
+        flops = self.adapter_flops_per_token(share_LE, layers) if share_LE is not None else None
+        run_losses = _global_sum(sum(losses[-5:]) / max(1, len(losses[-5:])), self.device) / self.world
+        summary = {
+            "method": cfg.method, "model": cfg.model, "world_size": self.world, "ep_size": self.ep_size,
+            "trainable_params": self.trainable_total, "adapter_flops_per_token": flops,
+            "steps": self.step, "tokens_per_sec": tokens_per_step / (sum(times) / len(times)) if times else None,
+            "first_loss": losses[0] if losses else None, "final_loss": run_losses if losses else None,
+            "accuracy_before": before["accuracy"] if before else None,
+            "accuracy_after": after["accuracy"] if after else None,
+            "eval_samples": after["samples"] if after else [],
+            "checkpoint": str(final), "output_dir": cfg.output_dir,
+        }
+        if self.is_main:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.print_summary(summary)
+        return summary
+
+    def print_summary(self, s: dict) -> None:
+        acc = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        self.log("\n".join([
+            "=" * 60,
+            f"moe_dist {s['method']} on {s['model']}: world {s['world_size']}, EP {s['ep_size']}, {s['steps']} steps",
+            f"  loss            {s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s["final_loss"] is not None else "",
+            f"  exact match     {acc(s['accuracy_before'])} before -> {acc(s['accuracy_after'])} after",
+            f"  trainable       {s['trainable_params']:,} params, "
+            f"{(s['adapter_flops_per_token'] or 0) / 1e6:.3f} MFLOP/token in adapters",
+            f"  throughput      {s['tokens_per_sec'] or 0:.0f} tokens/s",
+            f"  logs            {s['output_dir']} (summary.json, metrics.jsonl, tensorboard/)",
+            f"  checkpoint      {s['checkpoint']}",
+            "=" * 60]))

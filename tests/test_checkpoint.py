@@ -1,0 +1,55 @@
+"""Checkpoint files: a save that dies mid-write leaves the previous checkpoint whole and
+the partial one invisible to resume; values round-trip by logical key; a plan mismatch is a
+clear error. (Resume through ZeRO on other world/EP sizes: tests/test_train_launch.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moe_dist.train import checkpoint as ckpt
+
+
+def _params(value: float) -> dict[str, nn.Parameter]:
+    return {"layers.0.experts.1.up_proj.lora_A": nn.Parameter(torch.full((4, 8), value)),
+            "layers.0.self_attn.q_proj.lora_B": nn.Parameter(torch.full((8, 4), -value))}
+
+
+def _save(out, step, params):
+    return ckpt.save_checkpoint(out, step, None, params, '{"plan": 1}', {"optimizer_step": step}, None, keep=5)
+
+
+@pytest.mark.parametrize("crash_in", ["save_file", "rename"])
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch, crash_in):
+    _save(tmp_path, 2, _params(1.0))
+
+    def boom(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(ckpt, crash_in, boom) if crash_in == "save_file" else monkeypatch.setattr(ckpt.os, "rename", boom)
+    with pytest.raises(OSError, match="disk gone"):
+        _save(tmp_path, 4, _params(2.0))
+    monkeypatch.undo()
+    assert (tmp_path / "checkpoints" / ".tmp-step-4").exists()  # the partial write is there...
+    latest = ckpt.resolve_resume("auto", tmp_path)  # ...and ignored
+    assert latest == tmp_path / "checkpoints" / "step-2"
+    fresh = _params(0.0)
+    assert ckpt.load_adapter_values(latest, fresh) == 2
+    assert all(torch.equal(fresh[k], p) for k, p in _params(1.0).items())
+    # The next save of that step succeeds over the leftovers.
+    _save(tmp_path, 4, _params(2.0))
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+
+
+def test_plan_mismatch_and_bad_path_are_named(tmp_path):
+    path = _save(tmp_path, 1, _params(1.0))
+    other = {"layers.3.experts.0.gate_proj.lora_A": nn.Parameter(torch.zeros(2, 2))}
+    with pytest.raises(ckpt.ResumeError, match="layers.3.experts.0.gate_proj.lora_A"):
+        ckpt.load_adapter_values(path, other)
+    wrong_shape = {"layers.0.experts.1.up_proj.lora_A": nn.Parameter(torch.zeros(2, 8))}
+    with pytest.raises(ckpt.ResumeError, match="shape"):
+        ckpt.load_adapter_values(path, wrong_shape)
+    with pytest.raises(ckpt.ResumeError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    assert ckpt.resolve_resume("auto", tmp_path / "fresh") is None
