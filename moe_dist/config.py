@@ -70,6 +70,17 @@ class CheckpointSection:
 
 
 @dataclass
+class HelloraSection:
+    """method: hellora. Profile routing for `profile_steps` micro-batches of training data
+    (forward only, not trained on), then LoRA on each layer's hot experts only."""
+
+    profile_steps: int = 20
+    selection: str = "top_k"  # top_k | coverage
+    top_k: int = 2  # hot experts per layer (selection: top_k)
+    coverage: float = 0.2  # share of routed slots the hot set must cover (selection: coverage)
+
+
+@dataclass
 class RunConfig:
     model: str = "embedded:tiny-olmoe"  # a local HF dir, a hub name, or the embedded default
     method: str = "lora"  # lora: adapters on every expert (+ attention)
@@ -85,6 +96,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    hellora: HelloraSection = field(default_factory=HelloraSection)
 
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
         """Impossible combinations, named by key, before any process-group work."""
@@ -111,11 +123,21 @@ class RunConfig:
             raise ConfigError(f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.steps ({self.train.steps})")
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {sorted(METHODS)}")
+        if self.method == "hellora":
+            h = self.hellora
+            if h.selection not in ("top_k", "coverage"):
+                raise ConfigError(f"hellora.selection must be 'top_k' or 'coverage', got {h.selection!r}")
+            if h.profile_steps <= 0:
+                raise ConfigError(f"hellora.profile_steps must be > 0, got {h.profile_steps}")
+            if h.selection == "top_k" and not 0 < h.top_k <= (num_experts or h.top_k):
+                raise ConfigError(f"hellora.top_k must be in 1..{num_experts} (the expert count), got {h.top_k}")
+            if h.selection == "coverage" and not 0 < h.coverage <= 1:
+                raise ConfigError(f"hellora.coverage must be in (0, 1], got {h.coverage}")
         if not Path(self.ds_config).is_file():
             raise ConfigError(f"ds_config: no such file {self.ds_config!r}")
 
 
-METHODS = ("lora",)
+METHODS = ("lora", "hellora")
 
 
 def _coerce(value: Any, typ: type, key: str) -> Any:

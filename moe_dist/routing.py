@@ -1,7 +1,8 @@
 """Routing statistics: the per-expert counters each experts module keeps, summed over ranks.
 
 Every rank routes its own tokens through every layer's router, so a layer's global load is
-the sum of all ranks' counters. Reading is a collective (one all-reduce for all layers).
+the sum of all ranks' counters. Counters accumulate on the device with no host sync; reading
+them is one all-reduce over the whole world, so every rank decides from identical numbers.
 """
 
 from __future__ import annotations
@@ -18,11 +19,26 @@ from moe_dist.moe.experts import ExpertParallelExperts
 @dataclass
 class RoutingStats:
     layers: list[int]
-    tokens_LE: torch.Tensor  # routed (token, slot) pairs per layer and expert, all ranks
+    tokens_LE: torch.Tensor  # top-k selections per layer and expert, all ranks (float64)
+    mass_LE: torch.Tensor  # router probability mass of those selections (float64)
 
     def load_share_LE(self) -> torch.Tensor:
         """Fraction of each layer's routed slots that went to each expert."""
         return self.tokens_LE / self.tokens_LE.sum(-1, keepdim=True).clamp(min=1)
+
+    def mass_share_LE(self) -> torch.Tensor:
+        return self.mass_LE / self.mass_LE.sum(-1, keepdim=True).clamp(min=1e-30)
+
+    def __add__(self, other: "RoutingStats") -> "RoutingStats":
+        assert self.layers == other.layers, (self.layers, other.layers)
+        return RoutingStats(self.layers, self.tokens_LE + other.tokens_LE, self.mass_LE + other.mass_LE)
+
+
+def decayed_importance(previous_LE: torch.Tensor | None, stats: RoutingStats, decay: float) -> torch.Tensor:
+    """EPnG's importance: an exponential moving average of each expert's share of its layer's
+    router probability mass (shares, so layers and intervals of different length compare)."""
+    share_LE = stats.mass_share_LE()
+    return share_LE if previous_LE is None else decay * previous_LE + (1 - decay) * share_LE
 
 
 def experts_modules(model: nn.Module) -> dict[int, ExpertParallelExperts]:
@@ -30,12 +46,24 @@ def experts_modules(model: nn.Module) -> dict[int, ExpertParallelExperts]:
 
 
 def collect_routing_stats(model: nn.Module, reset: bool = True) -> RoutingStats:
+    """Collective: all ranks call it. Sums every rank's counters; optionally resets them."""
     mods = experts_modules(model)
     layers = sorted(mods)
-    tokens_LE = torch.stack([mods[layer].routed_tokens_E for layer in layers]).clone()
+    both_2LE = torch.stack([
+        torch.stack([mods[layer].routed_tokens_E.to(torch.float64) for layer in layers]),
+        torch.stack([_mass(mods[layer]) for layer in layers]),
+    ])
     if dist.is_initialized():
-        dist.all_reduce(tokens_LE)
+        dist.all_reduce(both_2LE)
     if reset:
         for m in mods.values():
             m.routed_tokens_E.zero_()
-    return RoutingStats(layers, tokens_LE.cpu())
+            if getattr(m, "routed_mass_E", None) is not None:
+                m.routed_mass_E.zero_()
+    both_2LE = both_2LE.cpu()
+    return RoutingStats(layers, both_2LE[0], both_2LE[1])
+
+
+def _mass(m: ExpertParallelExperts) -> torch.Tensor:
+    mass = getattr(m, "routed_mass_E", None)
+    return mass if mass is not None else torch.zeros(m.num_experts, dtype=torch.float64, device=m.routed_tokens_E.device)

@@ -17,7 +17,7 @@ def _params(value: float) -> dict[str, nn.Parameter]:
 
 
 def _save(out, step, params):
-    return ckpt.save_checkpoint(out, step, None, params, '{"plan": 1}', {"optimizer_step": step}, None, keep=5)
+    return ckpt.save_checkpoint(out, step, None, params, '{"plan": 1}', {"optimizer_step": step}, {}, keep=5)
 
 
 @pytest.mark.parametrize("crash_in", ["save_file", "rename"])

@@ -192,38 +192,40 @@ def _fact_document(rng: random.Random) -> str:
     return " ".join(facts)
 
 
+def _random_problem(rng: random.Random) -> Problem:
+    while (p := _sample_problem(rng)) is None:
+        pass
+    return p
+
+
 def _story_document(rng: random.Random) -> str:
-    """A past-tense story with the running total worked out inline: ties each verb to + or -,
-    without the question, the present tense or the answer chain of the task."""
-    p = None
-    while p is None:
-        p = _sample_problem(rng)
-    name, _ = NAMES[p.name]
-    obj = OBJECTS[p.obj]
-    value, parts = p.start, [f"{name} had {p.start} {obj}."]
+    """A story with the running total worked out after every event, in either tense: ties
+    each verb to + or -, without the task's pronouns, question or answer chain."""
+    p, past = _random_problem(rng), rng.random() < 0.5
+    name, obj = NAMES[p.name][0], OBJECTS[p.obj]
+    has = "had" if past else "has"
+    value, parts = p.start, [f"{name} {has} {p.start} {obj}."]
     for s in p.steps:
         new = value + s.amount
-        parts.append(f"Then {name} {_verb(s, past=True)} {abs(s.amount)}, and {_equation(value, s.amount)}, "
-                     f"so {name} had {new} {obj}.")
+        parts.append(f"Then {name} {_verb(s, past)} {abs(s.amount)}, and {_equation(value, s.amount)}, "
+                     f"so {name} {has} {new} {obj}.")
         value = new
     return " ".join(parts)
 
 
 def _recap_document(rng: random.Random) -> str:
-    """A past-tense story told first and worked out after: practises recalling the numbers of
-    a whole story and chaining the equations, still without the task's question or answer form."""
-    p = None
-    while p is None:
-        p = _sample_problem(rng)
-    name, _ = NAMES[p.name]
-    obj = OBJECTS[p.obj]
-    events = [f"{_verb(s, past=True)} {abs(s.amount)}" for s in p.steps]
+    """A story told first and worked out after, in either tense: practises recalling every
+    number of a story to chain the equations, still without the task's question or answer form."""
+    p, past = _random_problem(rng), rng.random() < 0.5
+    name, obj = NAMES[p.name][0], OBJECTS[p.obj]
+    has = "had" if past else "has"
+    events = [f"{_verb(s, past)} {abs(s.amount)}" for s in p.steps]
     value, eqs = p.start, []
     for s in p.steps:
         eqs.append(_equation(value, s.amount))
         value += s.amount
-    return (f"{name} had {p.start} {obj}. {name} {', then '.join(events)}. "
-            f"Working it out: {' and '.join(eqs)}, so in the end {name} had {value} {obj}.")
+    return (f"{name} {has} {p.start} {obj}. {name} {', then '.join(events)}. "
+            f"Working it out: {' and '.join(eqs)}, so in the end {name} {has} {value} {obj}.")
 
 
 def _meaning_document(rng: random.Random) -> str:

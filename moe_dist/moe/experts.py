@@ -172,11 +172,23 @@ class ExpertParallelExperts(MoE):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.training:
-            self.routed_tokens_E += torch.bincount(top_k_index.reshape(-1), minlength=self.num_experts)
+        if self.training:  # training and routing profiling (train mode under no_grad), not generation
+            self.count_routing(top_k_index, top_k_weights)
         x_MD, meta = self.dispatcher.dispatch(hidden_states, top_k_index)
         y_MD = self.compute(x_MD, meta.tokens_per_expert)
         return self.dispatcher.combine(y_MD.to(hidden_states.dtype), top_k_weights, meta)
+
+    def count_routing(self, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor) -> None:
+        """Top-k selections and router probability mass per expert, on the device, no sync.
+
+        The mass is the router's weight for each selection as the block hands it over (the
+        softmax or sigmoid score; renormalised over the top-k where the architecture does).
+        It is a plain fp64 attribute, not a buffer, so casting the module to bf16 leaves it."""
+        idx_N = top_k_index_TK.reshape(-1)
+        self.routed_tokens_E += torch.bincount(idx_N, minlength=self.num_experts)
+        if getattr(self, "routed_mass_E", None) is None or self.routed_mass_E.device != idx_N.device:
+            self.routed_mass_E = torch.zeros(self.num_experts, dtype=torch.float64, device=idx_N.device)
+        self.routed_mass_E.index_add_(0, idx_N, top_k_weights_TK.detach().reshape(-1).to(torch.float64))
 
     # ---- adapters & loading -----------------------------------------------------------
     def adapter_params(self) -> dict[str, nn.Parameter]:

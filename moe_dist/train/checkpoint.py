@@ -144,7 +144,7 @@ def _fsync_dir(path: Path) -> None:
 
 # ---- save ---------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | Path, step: int, engine, params: dict[str, torch.nn.Parameter], plan_json: str,
-                    trainer_state: dict, routing_tokens_LE: torch.Tensor | None, keep: int) -> Path:
+                    trainer_state: dict, routing: dict[str, torch.Tensor], keep: int) -> Path:
     """Collective: every rank calls it. Returns the final directory."""
     rank, world = _rank_world()
     root = checkpoint_root(output_dir)
@@ -165,8 +165,8 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, params: dict[str,
     _barrier()
     if rank == 0:
         (tmp / "plan.json").write_text(plan_json)
-        if routing_tokens_LE is not None:
-            save_file({"tokens_LE": routing_tokens_LE.contiguous()}, str(tmp / "routing.safetensors"))
+        if routing:
+            save_file({k: v.contiguous() for k, v in routing.items()}, str(tmp / "routing.safetensors"))
         state = dict(trainer_state, step=step, world_size=world)
         with open(tmp / STATE_FILE, "w") as f:  # written last: its presence marks completeness
             json.dump(state, f, indent=2)

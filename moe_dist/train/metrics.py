@@ -63,9 +63,10 @@ class MetricsLogger:
             self.jsonl.flush()
             self.print(f"step {step}: exact match {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
 
-    def expert_load(self, step: int, share_LE: torch.Tensor) -> None:
+    def heatmap(self, tag: str, step: int, share_LE: torch.Tensor) -> None:
+        """Per-layer (rows) per-expert (columns) shares as an image."""
         if self.enabled:
-            self.writer.add_image("routing/expert_load", heatmap_rgb(share_LE), step, dataformats="CHW")
+            self.writer.add_image(tag, heatmap_rgb(share_LE), step, dataformats="CHW")
 
     def event(self, step: int, text: str) -> None:
         """A structure change (adapters pruned, grown, moved): TensorBoard text + a jsonl line."""

@@ -23,6 +23,8 @@ from moe_dist.data.packing import ShardedBatches
 from moe_dist.models.arch import expert_sizes, moe_layer_indices
 from moe_dist.models.convert import adapter_params, trainable_params
 from moe_dist.models.loading import load_model, resolve_checkpoint
+from moe_dist.methods.hellora import hot_experts, hot_plan
+from moe_dist.parallel.agreement import agree_on_plan
 from moe_dist.parallel.groups import writes_canonical_copy
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import collect_routing_stats, experts_modules
@@ -101,6 +103,8 @@ class Trainer:
         self.is_main = self.rank == 0
         self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
         self.step = 0
+        self.routing_total = None  # RoutingStats summed over the run (every log step)
+        self.pending_events: list[str] = []  # structure changes to log once the logger exists
 
     def log(self, text: str) -> None:
         if self.is_main:
@@ -114,8 +118,11 @@ class Trainer:
         self.model_dir = resolve_model_path(cfg)
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._setup_data()
         if self.resume_from is not None:
             self.plan = AdapterPlan.from_json((self.resume_from / "plan.json").read_text())
+        elif cfg.method == "hellora":
+            self.plan = self.profile_hot_plan()
         else:
             self.plan = build_plan(cfg, self.hf_config)
         self.model = build_model(cfg, self.model_dir, self.plan, self.ep_size, self.device, self.bf16)
@@ -127,7 +134,6 @@ class Trainer:
             self.step = trainer_state["step"]
             self.log(f"resuming from {self.resume_from} (step {self.step}, saved by world {trainer_state['world_size']} "
                      f"EP {trainer_state['ep_size']}): {n} adapter tensors loaded on rank 0")
-        self._setup_data()
         self.engine, self.scheduler = build_engine(self.model, cfg, self.bf16)
         if self.resume_from is not None:
             ckpt.load_optimizer_state(self.resume_from, self.engine, self.params, trainer_state["optimizer_step"])
@@ -140,6 +146,32 @@ class Trainer:
                 torch.manual_seed(cfg.seed + self.step)
         self.trainable_total = int(_global_sum(sum(p.numel() for p in self.params.values()
                                                    if writes_canonical_copy(p)), self.device))
+
+    def profile_hot_plan(self) -> AdapterPlan:
+        """HELLoRA: count routing on `profile_steps` training micro-batches (forward only, with
+        the frozen base: attention adapters start at B = 0), then place LoRA on the hot experts.
+
+        The profiled batches are not trained on; the data position goes back to the start."""
+        cfg, h = self.cfg, self.cfg.hellora
+        base = build_plan(cfg, self.hf_config)
+        profile_plan = AdapterPlan(expert_ranks={}, attention_ranks=dict(base.attention_ranks))
+        model = build_model(cfg, self.model_dir, profile_plan, self.ep_size, self.device, self.bf16)
+        model.train()
+        with torch.no_grad():
+            for _ in range(h.profile_steps):
+                batch = {k: v.to(self.device) for k, v in self.batches.next_batch().items()}
+                model(**batch, use_cache=False)
+        stats = collect_routing_stats(model)
+        del model
+        self.batches.load_state_dict({"epoch": 0, "rows_consumed": 0})
+        hot = hot_experts(stats.tokens_LE, stats.layers, h.selection, h.top_k, h.coverage)
+        plan = hot_plan(base, hot, cfg.lora.rank, lori=False)
+        agree_on_plan(plan, "hellora hot-expert plan")
+        self.routing_profile = stats
+        summary = "; ".join(f"layer {layer}: {experts}" for layer, experts in hot.items())
+        self.log(f"hellora: profiled {h.profile_steps} micro-batches per rank; hot experts {summary}")
+        self.pending_events.append(f"hellora plan {plan.hash()}: hot experts {summary}")
+        return plan
 
     def _setup_data(self) -> None:
         cfg, d = self.cfg, self.cfg.data
@@ -175,12 +207,17 @@ class Trainer:
             raise RuntimeError(f"injected failure (MOE_DIST_FAIL_AT={fail_at})")
         return torch.stack(losses).mean().item()
 
-    def save(self, routing_total_LE: torch.Tensor | None) -> Path:
+    def save(self) -> Path:
         state = {"optimizer_step": self.step, "scheduler": self.scheduler.state_dict(),
                  "data_position": self.batches.state_dict(), "ep_size": self.ep_size, "method": self.cfg.method,
                  "config": asdict(self.cfg)}
         return ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.engine, adapter_params(self.model), self.plan.to_json(),
-                                    state, routing_total_LE, self.cfg.checkpoint.keep)
+                                    state, self._routing_tensors(), self.cfg.checkpoint.keep)
+
+    def _routing_tensors(self) -> dict[str, torch.Tensor]:
+        r = self.routing_total
+        return {} if r is None else {"tokens_LE": r.tokens_LE, "mass_LE": r.mass_LE,
+                                     "layers": torch.tensor(r.layers)}
 
     def adapter_flops_per_token(self, share_LE: torch.Tensor, layers: list[int]) -> float:
         """Expected adapter FLOPs of one token under the measured routing load."""
@@ -199,10 +236,11 @@ class Trainer:
         tokens_per_step = cfg.train.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * self.world
         self.log(f"model {cfg.model} ({self.hf_config.model_type}), world {self.world}, EP {self.ep_size}, "
                  f"method {cfg.method}, trainable params {self.trainable_total:,}, logs in {cfg.output_dir}")
+        for text in self.pending_events:
+            logger.event(self.step, text)
         before = self.evaluate() if cfg.eval.before and self.step == 0 else None
         if before:
             logger.eval(self.step, before)
-        routing_total_LE, layers = None, []
         losses, times = [], []
         t_log, steps_since_log = time.perf_counter(), 0
         collect_routing_stats(self.model)  # reset counters touched by evaluation
@@ -216,29 +254,28 @@ class Trainer:
             logger.advance()
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 stats = collect_routing_stats(self.model)
-                layers = stats.layers
-                routing_total_LE = stats.tokens_LE if routing_total_LE is None else routing_total_LE + stats.tokens_LE
+                self.routing_total = stats if self.routing_total is None else self.routing_total + stats
                 elapsed = time.perf_counter() - t_log
                 mean_loss = _global_sum(sum(losses[-steps_since_log:]) / steps_since_log, self.device) / self.world
                 logger.step(self.step, {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
                                         "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                                         "tokens_per_sec": tokens_per_step * steps_since_log / elapsed,
                                         "trainable_params": self.trainable_total})
-                logger.expert_load(self.step, stats.load_share_LE())
+                logger.heatmap("routing/expert_load", self.step, stats.load_share_LE())
+                logger.heatmap("routing/router_mass", self.step, stats.mass_share_LE())
                 t_log, steps_since_log = time.perf_counter(), 0
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 logger.eval(self.step, self.evaluate())
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
-                path = self.save(routing_total_LE)
+                path = self.save()
                 logger.print(f"checkpoint {path}")
         after = self.evaluate()
         if after:
             logger.eval(self.step, after)
-        final = self.save(routing_total_LE)
+        final = self.save()
         logger.close()
-        share_LE = (routing_total_LE / routing_total_LE.sum(-1, keepdim=True).clamp(min=1)
-                    if routing_total_LE is not None else None)
-        flops = self.adapter_flops_per_token(share_LE, layers) if share_LE is not None else None
+        r = self.routing_total
+        flops = self.adapter_flops_per_token(r.load_share_LE(), r.layers) if r is not None else None
         run_losses = _global_sum(sum(losses[-5:]) / max(1, len(losses[-5:])), self.device) / self.world
         summary = {
             "method": cfg.method, "model": cfg.model, "world_size": self.world, "ep_size": self.ep_size,
