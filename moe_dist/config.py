@@ -81,6 +81,20 @@ class HelloraSection:
 
 
 @dataclass
+class EpngSection:
+    """method: epng (see moe_dist/methods/epng.py for the choices and their reasons)."""
+
+    warmup_steps: int = 20  # first prune/grow after this many steps
+    interval: int = 20  # then every `interval` steps
+    stop_step: int = 0  # no updates from this step on (0 = until the end)
+    prune_ratio: float = 0.25  # of the adapted experts, per update
+    grow_ratio: float = 0.25  # of the adapted experts receive the freed rank
+    decay: float = 0.9  # importance EMA
+    rank_unit: int = 4  # rank granularity of growth
+    max_rank: int = 64
+
+
+@dataclass
 class RunConfig:
     model: str = "embedded:tiny-olmoe"  # a local HF dir, a hub name, or the embedded default
     method: str = "lora"  # lora: adapters on every expert (+ attention)
@@ -97,6 +111,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     hellora: HelloraSection = field(default_factory=HelloraSection)
+    epng: EpngSection = field(default_factory=EpngSection)
 
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
         """Impossible combinations, named by key, before any process-group work."""
@@ -133,11 +148,24 @@ class RunConfig:
                 raise ConfigError(f"hellora.top_k must be in 1..{num_experts} (the expert count), got {h.top_k}")
             if h.selection == "coverage" and not 0 < h.coverage <= 1:
                 raise ConfigError(f"hellora.coverage must be in (0, 1], got {h.coverage}")
+        if self.method == "epng":
+            g = self.epng
+            for name in ("prune_ratio", "grow_ratio"):
+                if not 0 <= getattr(g, name) < 1:
+                    raise ConfigError(f"epng.{name} must be in [0, 1), got {getattr(g, name)}")
+            if not 0 <= g.decay < 1:
+                raise ConfigError(f"epng.decay must be in [0, 1), got {g.decay}")
+            if g.interval <= 0 or g.rank_unit <= 0:
+                raise ConfigError("epng.interval and epng.rank_unit must be > 0")
+            if self.lora.rank % g.rank_unit:
+                raise ConfigError(f"lora.rank ({self.lora.rank}) must be a multiple of epng.rank_unit ({g.rank_unit})")
+            if g.max_rank < self.lora.rank:
+                raise ConfigError(f"epng.max_rank ({g.max_rank}) is below lora.rank ({self.lora.rank})")
         if not Path(self.ds_config).is_file():
             raise ConfigError(f"ds_config: no such file {self.ds_config!r}")
 
 
-METHODS = ("lora", "hellora")
+METHODS = ("lora", "hellora", "epng")
 
 
 def _coerce(value: Any, typ: type, key: str) -> Any:

@@ -89,3 +89,119 @@ def _agree(rank: int, world: int, disagree: bool) -> None:
 @pytest.mark.parametrize("disagree", [False, True])
 def test_ranks_reach_one_plan_or_fail_together(disagree):
     run_distributed(_agree, 2, disagree)
+
+
+# ---- EPnG ----------------------------------------------------------------------------------
+def _uniform(layers, experts, rank):
+    return AdapterPlan.uniform(layers, experts, rank, attention_layers=[0])
+
+
+def test_prune_and_grow_conserves_budget_and_picks_by_importance():
+    from moe_dist.methods.epng import prune_and_grow
+
+    plan = _uniform([0, 1], 8, 8)
+    g = torch.Generator().manual_seed(0)
+    imp = torch.rand(2, 8, generator=g, dtype=torch.float64)
+    new = prune_and_grow(imp, [0, 1], plan, prune_ratio=0.25, grow_ratio=0.25, rank_unit=4, max_rank=32)
+    assert sum(new.expert_ranks.values()) == sum(plan.expert_ranks.values())  # exactly the same budget
+    order = sorted(((imp[i, e].item(), l, e) for i, l in enumerate([0, 1]) for e in range(8)))
+    pruned = {(l, e) for _, l, e in order[:4]}
+    grown = {(l, e) for _, l, e in order[-4:]}
+    kept = {(l, e) for (l, e, _) in new.expert_ranks}
+    assert kept.isdisjoint(pruned) and len(kept) == 12
+    assert all(new.rank(l, e, "up_proj") == 16 for l, e in grown)  # 4 x 8 freed -> +8 each on the top 4
+    assert new.attention_ranks == plan.attention_ranks
+    assert prune_and_grow(imp, [0, 1], plan, 0.25, 0.25, 4, 32) == new  # deterministic
+    capped = prune_and_grow(imp, [0, 1], plan, 0.25, 0.25, 4, 12)  # growth capped: spills to the next experts
+    assert sum(capped.expert_ranks.values()) == sum(plan.expert_ranks.values())
+    assert max(capped.expert_ranks.values()) == 12
+
+
+def test_growth_keeps_output_and_adds_orthogonal_directions():
+    from reference import set_b_values
+
+    from moe_dist.train.restructure import apply_plan, carry_over
+
+    hf = build_hf("olmoe")
+    layers = moe_layer_indices(hf.config)
+    plan = _uniform(layers, hf.config.num_experts, 4)
+    model = convert_model(copy.deepcopy(hf), plan, ep_size=1)
+    set_b_values(adapter_params(model))
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+    grown = AdapterPlan({**plan.expert_ranks, **{(layers[0], 2, p): 12 for p in ("gate_proj", "up_proj", "down_proj")}},
+                        plan.attention_ranks)
+    old = {k: p.detach().clone() for k, p in adapter_params(model).items()}
+    assert apply_plan(model, grown) == [layers[0]]
+    values, _ = carry_over(old, {}, adapter_params(model), model.moe_dist_info.lora)
+    with torch.no_grad():
+        for k, v in values.items():
+            adapter_params(model)[k].copy_(v)
+        after = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    A = adapter_params(model)[f"layers.{layers[0]}.experts.2.up_proj.lora_A"]
+    assert A.shape[0] == 12 and torch.equal(A[:4], old[f"layers.{layers[0]}.experts.2.up_proj.lora_A"])
+    assert (A[4:] @ A[:4].T).abs().max() < 1e-6  # new rows orthogonal to the old row space
+    assert (A[4:] @ A[4:].T - torch.diag(torch.diagonal(A[4:] @ A[4:].T))).abs().max() < 1e-6  # and to each other
+
+
+def _restructure_under_zero(rank: int, world: int) -> None:
+    import gc
+    import types
+    import weakref
+
+    from moe_dist.config import RunConfig
+    from moe_dist.methods.epng import prune_and_grow
+    from moe_dist.train.engine import build_engine
+    from moe_dist.train.restructure import restructure
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    hf = build_hf("olmoe")
+    layers = moe_layer_indices(hf.config)
+    E = hf.config.num_experts
+    cfg = RunConfig()
+    cfg.train.micro_batch, cfg.train.lr, cfg.train.warmup_steps = 2, 1e-2, 0
+    cfg.ds_config = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "ds_configs/zero2.json")
+    model = convert_model(copy.deepcopy(hf), _uniform(layers, E, 4), ep_size=2)
+    trainer = types.SimpleNamespace(model=model, cfg=cfg, bf16=False, plan=_uniform(layers, E, 4))
+    trainer.engine, trainer.scheduler = build_engine(model, cfg, bf16=False)
+
+    def step():
+        ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(rank))
+        loss = trainer.engine(input_ids=ids, labels=ids, use_cache=False).loss
+        trainer.engine.backward(loss)
+        trainer.engine.step()
+
+    step()
+    imp = torch.arange(len(layers) * E, dtype=torch.float64).reshape(len(layers), E)
+    new_plan = prune_and_grow(imp, layers, trainer.plan, 0.25, 0.25, 4, 16)
+    survivor = f"layers.{layers[-1]}.experts.{E - 1}.down_proj.lora_B"  # most important: kept and grown
+    kept = [f"layers.{layers[0]}.experts.5.down_proj.lora_A", f"layers.{layers[-1]}.experts.1.gate_proj.lora_B"]
+    from moe_dist.train.checkpoint import link_optimizer_state
+
+    link_optimizer_state(trainer.engine)
+    owned = {k: p for k, p in adapter_params(model).items()}
+    before = {k: safe_get_full_optimizer_state(owned[k], "exp_avg") for k in kept if k in owned}
+    assert before, "each rank owns one of the kept adapters"
+    old_engine = weakref.ref(trainer.engine)
+    restructure(trainer, new_plan)
+    gc.collect()
+    assert old_engine() is None, "the old engine stays alive (hook leak)"
+    params = adapter_params(model)
+    assert f"layers.{layers[0]}.experts.0.up_proj.lora_A" not in params  # pruned: gone from the model...
+    in_optimizer = {id(p) for g in trainer.engine.optimizer.bit16_groups for p in g}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}  # ...and from the optimizer
+    assert all(id(p) in in_optimizer for p in params.values() if p.requires_grad)
+    link_optimizer_state(trainer.engine)
+    for k, v in before.items():
+        got = safe_get_full_optimizer_state(params[k], "exp_avg")
+        assert torch.equal(got, v), f"{k}: state not carried {(got - v).abs().max()} {v.abs().max()} {got.abs().max()}"
+    if survivor in params:
+        assert params[survivor].shape[1] > 4
+    step()  # training goes on
+    trainer.engine.destroy()
+
+
+def test_restructure_under_zero2_prunes_grows_and_frees_the_old_engine():
+    run_distributed(_restructure_under_zero, 2)

@@ -200,31 +200,32 @@ def _random_problem(rng: random.Random) -> Problem:
 
 def _story_document(rng: random.Random) -> str:
     """A story with the running total worked out after every event, in either tense: ties
-    each verb to + or -, without the task's pronouns, question or answer chain."""
+    each verb to + or -, without the task's question or answer chain."""
     p, past = _random_problem(rng), rng.random() < 0.5
-    name, obj = NAMES[p.name][0], OBJECTS[p.obj]
+    (name, pron), obj = NAMES[p.name], OBJECTS[p.obj]
     has = "had" if past else "has"
     value, parts = p.start, [f"{name} {has} {p.start} {obj}."]
     for s in p.steps:
         new = value + s.amount
-        parts.append(f"Then {name} {_verb(s, past)} {abs(s.amount)}, and {_equation(value, s.amount)}, "
-                     f"so {name} {has} {new} {obj}.")
+        parts.append(f"Then {pron.lower()} {_verb(s, past)} {abs(s.amount)}, and {_equation(value, s.amount)}, "
+                     f"so {pron.lower()} {has} {new} {obj}.")
         value = new
     return " ".join(parts)
 
 
 def _recap_document(rng: random.Random) -> str:
     """A story told first and worked out after, in either tense: practises recalling every
-    number of a story to chain the equations, still without the task's question or answer form."""
+    number of a story to chain the equations, still without the task's question or its
+    answer form (equations joined by 'and', the result in a sentence)."""
     p, past = _random_problem(rng), rng.random() < 0.5
-    name, obj = NAMES[p.name][0], OBJECTS[p.obj]
+    (name, pron), obj = NAMES[p.name], OBJECTS[p.obj]
     has = "had" if past else "has"
-    events = [f"{_verb(s, past)} {abs(s.amount)}" for s in p.steps]
+    events = [f"{pron} {_verb(s, past)} {abs(s.amount)}." for s in p.steps]
     value, eqs = p.start, []
     for s in p.steps:
         eqs.append(_equation(value, s.amount))
         value += s.amount
-    return (f"{name} {has} {p.start} {obj}. {name} {', then '.join(events)}. "
+    return (f"{name} {has} {p.start} {obj}. {' '.join(events)} "
             f"Working it out: {' and '.join(eqs)}, so in the end {name} {has} {value} {obj}.")
 
 

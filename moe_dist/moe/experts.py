@@ -101,30 +101,59 @@ class ExpertParallelExperts(MoE):
         self.act_fn = act_fn
         self.placement = placement
         self.groups = groups
-        # Local slot order groups experts with equal adapter ranks, so rank buckets are
-        # contiguous row ranges (no gather) in the common case. It is derived from the plan,
-        # identical on every rank, so all ranks agree on every rank's slot order.
-        signature = lambda e: (tuple(-ranks.get((e, p), 0) for p in EXPERT_DIMS), e)  # noqa: E731
-        self.experts_by_rank = [sorted(placement.experts_of(r), key=signature) for r in range(placement.ep_size)]
+        self.lora, self.lori, self.adapter_dtype = lora, lori, adapter_dtype
+        self.experts_by_rank = self._slot_order(ranks)
         self.local_experts = self.experts_by_rank[groups.ep_rank]
         self.num_local_experts = len(self.local_experts)
         e, F, D = self.num_local_experts, intermediate_size, hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * F, D, dtype=dtype, device=device), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(e, D, F, dtype=dtype, device=device), requires_grad=False)
-        dims = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
-        self.adapters = ExpertLoRABank(layer, self.local_experts, ranks, dims, lora, lori, device=device)
-        self.adapters.to(adapter_dtype)
-        # ZeRO needs >= 1 trainable expert parameter on every rank; a rank whose experts carry
-        # no adapter gets a one-element anchor that takes part in forward with weight 0.
-        self.anchor = None
-        if not any(p.requires_grad for p in self.adapters.parameters()):
-            self.anchor = nn.Parameter(torch.zeros(1, device=device, dtype=adapter_dtype))
-        for p in self.parameters():
-            mark_expert_param(p, self.ep_size)
+        mark_expert_param(self.gate_up_proj, self.ep_size)
+        mark_expert_param(self.down_proj, self.ep_size)
+        self._build_adapters(ranks, device)
         # Counters live in the model, decisions outside it (moe_dist.routing reads and resets).
         # Integer, so a bf16 cast of the module leaves it exact; no host sync to update it.
         self.register_buffer("routed_tokens_E", torch.zeros(num_experts, dtype=torch.long, device=device),
                              persistent=False)
+        self.dispatcher = self._make_dispatcher(device)
+
+    def _slot_order(self, ranks: Mapping[tuple[int, str], int]) -> list[list[int]]:
+        """Local slot order groups experts with equal adapter ranks, so rank buckets are
+        contiguous row ranges (no gather) in the common case. It is derived from the plan,
+        identical on every rank, so all ranks agree on every rank's slot order."""
+        signature = lambda e: (tuple(-ranks.get((e, p), 0) for p in EXPERT_DIMS), e)  # noqa: E731
+        return [sorted(self.placement.experts_of(r), key=signature) for r in range(self.placement.ep_size)]
+
+    def _build_adapters(self, ranks: Mapping[tuple[int, str], int], device) -> None:
+        F, D = self.intermediate_size, self.hidden_size
+        dims = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+        self.adapters = ExpertLoRABank(self.layer, self.local_experts, ranks, dims, self.lora, self.lori, device=device)
+        self.adapters.to(self.adapter_dtype)
+        # ZeRO needs >= 1 trainable expert parameter on every rank; a rank whose experts carry
+        # no adapter gets a one-element anchor that takes part in forward with weight 0.
+        self.anchor = None
+        if not self.adapters.trainable:
+            self.anchor = nn.Parameter(torch.zeros(1, device=device, dtype=self.adapter_dtype))
+            mark_expert_param(self.anchor, self.ep_size)
+        for p in self.adapters.parameters():
+            mark_expert_param(p, self.ep_size)
+
+    def set_adapter_ranks(self, ranks: Mapping[tuple[int, str], int]) -> None:
+        """Replace this layer's adapters by fresh ones of the given ranks (a structure change).
+
+        The experts a rank owns stay; their local slot order follows the new ranks, so the
+        base weights are permuted to match and the dispatcher is rebuilt. New adapters start
+        at their initialisation (A seeded by key, B zero): the caller carries surviving values
+        over by logical key."""
+        device = self.gate_up_proj.device
+        old_slot = {expert: slot for slot, expert in enumerate(self.local_experts)}
+        self.experts_by_rank = self._slot_order(ranks)
+        self.local_experts = self.experts_by_rank[self.groups.ep_rank]
+        perm = torch.tensor([old_slot[e] for e in self.local_experts], device=device)
+        with torch.no_grad():
+            self.gate_up_proj.data = self.gate_up_proj.data.index_select(0, perm)
+            self.down_proj.data = self.down_proj.data.index_select(0, perm)
+        self._build_adapters(ranks, device)
         self.dispatcher = self._make_dispatcher(device)
 
     def _make_dispatcher(self, device) -> LocalDispatcher | AllToAllDispatcher:

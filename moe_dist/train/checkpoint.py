@@ -225,34 +225,54 @@ def load_adapter_values(path: Path, params: dict[str, torch.nn.Parameter]) -> in
     return len(saved)
 
 
-def load_optimizer_state(path: Path, engine, params: dict[str, torch.nn.Parameter], optimizer_step: int) -> int:
-    """Write saved Adam moments into the ZeRO partitions (after deepspeed.initialize).
+def adam_step(engine) -> int:
+    """The optimizer's step count (torch Adam keeps it per flat ZeRO group; all are equal)."""
+    for state in engine.optimizer.optimizer.state.values():
+        if "step" in state:
+            return int(float(state["step"]))
+    return 0
+
+
+def restore_engine_state(engine, scheduler, params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor],
+                         optim: dict[str, torch.Tensor], optimizer_step: int, scheduler_state: dict | None) -> None:
+    """Put saved fp32 masters, Adam moments, step count and LR schedule into a fresh engine.
 
     torch's Adam creates its state lazily at the first step, and ZeRO links the per-parameter
     fragments only then; we create the state (zeros, step count) the way that first step
-    would and ask ZeRO to link it (a private method: the one seam on DeepSpeed internals here).
-    """
-    from deepspeed.utils import safe_set_full_optimizer_state
+    would and link it (private method: the one seam on DeepSpeed internals here). The fp32
+    masters are set too: with bf16 the module copy the engine started from was rounded."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    index = _key_index(path, "optimizer")
-    if not index:
-        return 0
     base = engine.optimizer.optimizer
     for group in base.param_groups:
         for flat in group["params"]:
-            if not base.state[flat]:
-                base.state[flat].update(step=torch.tensor(float(optimizer_step)), exp_avg=torch.zeros_like(flat),
-                                        exp_avg_sq=torch.zeros_like(flat))
+            base.state[flat].update(step=torch.tensor(float(optimizer_step)), exp_avg=torch.zeros_like(flat),
+                                    exp_avg_sq=torch.zeros_like(flat))
     link_optimizer_state(engine)
-    keys = [f"{k}/{n}" for k, p in params.items() if p.requires_grad for n in OPTIM_KEYS]
+    for key, p in params.items():
+        if key in values:
+            safe_set_full_fp32_param(p, values[key].to(p.device, torch.float32))
+        for name in OPTIM_KEYS:
+            if f"{key}/{name}" in optim:
+                safe_set_full_optimizer_state(p, optim[f"{key}/{name}"].to(p.device), name)
+    if scheduler_state is not None:
+        scheduler.load_state_dict(scheduler_state)
+        # LambdaLR.load_state_dict restores its counter, not the optimizer's current lr.
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+
+
+def load_engine_state(path: Path, engine, scheduler, params: dict[str, torch.nn.Parameter]) -> int:
+    """Resume: the checkpoint's masters, moments, step and schedule into the engine."""
+    state = read_trainer_state(path)
+    values = _read(_key_index(path, "adapters"), [k for k in params])
+    index = _key_index(path, "optimizer")
+    keys = [f"{k}/{n}" for k in params for n in OPTIM_KEYS]
     missing = [k for k in keys if k not in index]
     if missing:
         raise ResumeError(f"checkpoint {path} lacks optimizer state for {missing[:3]}")
-    saved = _read(index, keys)
-    for k in keys:
-        key, name = k.rsplit("/", 1)
-        p = params[key]
-        safe_set_full_optimizer_state(p, saved[k].to(p.device), name)
+    restore_engine_state(engine, scheduler, params, values, _read(index, keys), state["optimizer_step"],
+                         state["scheduler"])
     return len(keys)
 
 

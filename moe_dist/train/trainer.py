@@ -23,15 +23,17 @@ from moe_dist.data.packing import ShardedBatches
 from moe_dist.models.arch import expert_sizes, moe_layer_indices
 from moe_dist.models.convert import adapter_params, trainable_params
 from moe_dist.models.loading import load_model, resolve_checkpoint
+from moe_dist.methods.epng import prune_and_grow
 from moe_dist.methods.hellora import hot_experts, hot_plan
 from moe_dist.parallel.agreement import agree_on_plan
 from moe_dist.parallel.groups import writes_canonical_copy
 from moe_dist.plan import AdapterPlan
-from moe_dist.routing import collect_routing_stats, experts_modules
+from moe_dist.routing import collect_routing_stats, decayed_importance, experts_modules
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.engine import build_engine
 from moe_dist.train.evaluate import exact_match
 from moe_dist.train.metrics import MetricsLogger
+from moe_dist.train.restructure import restructure
 
 EMBEDDED_TASK = "embedded:arithmetic"
 
@@ -105,6 +107,8 @@ class Trainer:
         self.step = 0
         self.routing_total = None  # RoutingStats summed over the run (every log step)
         self.pending_events: list[str] = []  # structure changes to log once the logger exists
+        self.routing_window = None  # RoutingStats since the method's last decision
+        self.importance_LE = None  # EPnG's decayed importance
 
     def log(self, text: str) -> None:
         if self.is_main:
@@ -132,20 +136,21 @@ class Trainer:
             n = ckpt.load_adapter_values(self.resume_from, adapter_params(self.model))
             trainer_state = ckpt.read_trainer_state(self.resume_from)
             self.step = trainer_state["step"]
+            if trainer_state.get("importance_LE") is not None:
+                self.importance_LE = torch.tensor(trainer_state["importance_LE"], dtype=torch.float64)
             self.log(f"resuming from {self.resume_from} (step {self.step}, saved by world {trainer_state['world_size']} "
                      f"EP {trainer_state['ep_size']}): {n} adapter tensors loaded on rank 0")
         self.engine, self.scheduler = build_engine(self.model, cfg, self.bf16)
         if self.resume_from is not None:
-            ckpt.load_optimizer_state(self.resume_from, self.engine, self.params, trainer_state["optimizer_step"])
-            self.scheduler.load_state_dict(trainer_state["scheduler"])
-            # LambdaLR.load_state_dict restores its counter, not the optimizer's current lr.
-            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
-                group["lr"] = lr
+            ckpt.load_engine_state(self.resume_from, self.engine, self.scheduler, self.params)
             self.batches.load_state_dict(trainer_state["data_position"])
             if not ckpt.load_rng_state(self.resume_from):
                 torch.manual_seed(cfg.seed + self.step)
-        self.trainable_total = int(_global_sum(sum(p.numel() for p in self.params.values()
-                                                   if writes_canonical_copy(p)), self.device))
+        self.trainable_total = self.count_trainable()
+
+    def count_trainable(self) -> int:
+        """Collective: trainable parameters of the whole job, each EP shard counted once."""
+        return int(_global_sum(sum(p.numel() for p in self.params.values() if writes_canonical_copy(p)), self.device))
 
     def profile_hot_plan(self) -> AdapterPlan:
         """HELLoRA: count routing on `profile_steps` training micro-batches (forward only, with
@@ -208,11 +213,45 @@ class Trainer:
         return torch.stack(losses).mean().item()
 
     def save(self) -> Path:
-        state = {"optimizer_step": self.step, "scheduler": self.scheduler.state_dict(),
+        state = {"optimizer_step": ckpt.adam_step(self.engine), "scheduler": self.scheduler.state_dict(),
                  "data_position": self.batches.state_dict(), "ep_size": self.ep_size, "method": self.cfg.method,
+                 "importance_LE": None if self.importance_LE is None else self.importance_LE.tolist(),
                  "config": asdict(self.cfg)}
         return ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.engine, adapter_params(self.model), self.plan.to_json(),
                                     state, self._routing_tensors(), self.cfg.checkpoint.keep)
+
+    def collect_routing(self):
+        """Collective: drain the model's counters into the run total and the method's window."""
+        stats = collect_routing_stats(self.model)
+        self.routing_total = stats if self.routing_total is None else self.routing_total + stats
+        self.routing_window = stats if self.routing_window is None else self.routing_window + stats
+        return stats
+
+    def epng_due(self) -> bool:
+        e = self.cfg.epng
+        return (self.cfg.method == "epng" and self.step >= e.warmup_steps and (self.step - e.warmup_steps) % e.interval == 0
+                and self.step < self.cfg.train.steps and not (e.stop_step and self.step >= e.stop_step))
+
+    def epng_update(self) -> str | None:
+        """Importance from the window since the last update -> prune/grow plan -> agree -> rebuild."""
+        e = self.cfg.epng
+        self.collect_routing()
+        window, self.routing_window = self.routing_window, None
+        self.importance_LE = decayed_importance(self.importance_LE, window, e.decay)
+        new_plan = prune_and_grow(self.importance_LE, window.layers, self.plan, e.prune_ratio, e.grow_ratio,
+                                  e.rank_unit, e.max_rank)
+        agree_on_plan(new_plan, f"epng plan at step {self.step}")
+        if new_plan == self.plan:
+            return None
+        old = self.plan
+        t0 = time.perf_counter()
+        info = restructure(self, new_plan)
+        self.trainable_total = self.count_trainable()
+        pruned = sorted({(l, e_) for (l, e_, _) in old.expert_ranks} - {(l, e_) for (l, e_, _) in new_plan.expert_ranks})
+        grown = sorted({(l, e_) for (l, e_, p), r in new_plan.expert_ranks.items() if r > old.rank(l, e_, p)})
+        return (f"epng step {self.step}: pruned {len(pruned)} expert adapters {pruned}, grew {grown}; "
+                f"rank budget {sum(old.expert_ranks.values())} -> {sum(new_plan.expert_ranks.values())}; "
+                f"{info['layers_rebuilt']} layers rebuilt in {time.perf_counter() - t0:.2f}s")
 
     def _routing_tensors(self) -> dict[str, torch.Tensor]:
         r = self.routing_total
@@ -253,8 +292,7 @@ class Trainer:
             steps_since_log += 1
             logger.advance()
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                stats = collect_routing_stats(self.model)
-                self.routing_total = stats if self.routing_total is None else self.routing_total + stats
+                stats = self.collect_routing()
                 elapsed = time.perf_counter() - t_log
                 mean_loss = _global_sum(sum(losses[-steps_since_log:]) / steps_since_log, self.device) / self.world
                 logger.step(self.step, {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
@@ -264,6 +302,11 @@ class Trainer:
                 logger.heatmap("routing/expert_load", self.step, stats.load_share_LE())
                 logger.heatmap("routing/router_mass", self.step, stats.mass_share_LE())
                 t_log, steps_since_log = time.perf_counter(), 0
+            if self.epng_due():
+                event = self.epng_update()
+                if event:
+                    logger.event(self.step, event)
+                    logger.print(event)
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 logger.eval(self.step, self.evaluate())
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
