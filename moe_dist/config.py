@@ -81,6 +81,15 @@ class HelloraSection:
 
 
 @dataclass
+class HelloriSection:
+    """method: hellori = hellora placement (the hellora section) + LoRI adapters."""
+
+    stage1_steps: int = 50  # dense-B steps before the mask is taken
+    sparsity: float = 0.9  # share of B entries masked out
+    stage2_lr_scale: float = 10.0
+
+
+@dataclass
 class EpngSection:
     """method: epng (see moe_dist/methods/epng.py for the choices and their reasons)."""
 
@@ -112,6 +121,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     hellora: HelloraSection = field(default_factory=HelloraSection)
     epng: EpngSection = field(default_factory=EpngSection)
+    hellori: HelloriSection = field(default_factory=HelloriSection)
 
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
         """Impossible combinations, named by key, before any process-group work."""
@@ -138,7 +148,12 @@ class RunConfig:
             raise ConfigError(f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.steps ({self.train.steps})")
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {sorted(METHODS)}")
-        if self.method == "hellora":
+        if self.method == "hellori":
+            if not 0 < self.hellori.stage1_steps < self.train.steps:
+                raise ConfigError(f"hellori.stage1_steps ({self.hellori.stage1_steps}) must be in 1..train.steps-1")
+            if not 0 <= self.hellori.sparsity < 1:
+                raise ConfigError(f"hellori.sparsity must be in [0, 1), got {self.hellori.sparsity}")
+        if self.method in ("hellora", "hellori"):
             h = self.hellora
             if h.selection not in ("top_k", "coverage"):
                 raise ConfigError(f"hellora.selection must be 'top_k' or 'coverage', got {h.selection!r}")
@@ -165,7 +180,7 @@ class RunConfig:
             raise ConfigError(f"ds_config: no such file {self.ds_config!r}")
 
 
-METHODS = ("lora", "hellora", "epng")
+METHODS = ("lora", "hellora", "hellori", "epng")
 
 
 def _coerce(value: Any, typ: type, key: str) -> Any:

@@ -205,3 +205,11 @@ def _restructure_under_zero(rank: int, world: int) -> None:
 
 def test_restructure_under_zero2_prunes_grows_and_frees_the_old_engine():
     run_distributed(_restructure_under_zero, 2)
+
+
+def test_global_magnitude_threshold_keeps_the_share():
+    from moe_dist.methods.hellori import global_magnitude_threshold
+
+    x = [torch.arange(1, 101, dtype=torch.float32).reshape(10, 10), -torch.arange(101, 201, dtype=torch.float32)]
+    t = global_magnitude_threshold(x, 0.1)
+    assert sum(int((v.abs() > t).sum()) for v in x) == 20 and 180 <= t < 181

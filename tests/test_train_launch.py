@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_dist.train.checkpoint import complete_checkpoints
 
@@ -134,3 +135,33 @@ def test_unsupported_model_lists_the_supported(tmp_path, cache_dir):
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     proc = _python(_args(tmp_path / "o", cache_dir, f"model={model}"))
     assert proc.returncode != 0 and "llama" in proc.stderr and "mixtral" in proc.stderr
+
+
+def test_hellori_keeps_A_frozen_and_B_inside_its_mask(tmp_path, cache_dir):
+    """HELLoRA profiling + placement, then LoRI: A never moves from its seeded init; after
+    stage 2, B is non-zero only inside a ~10% mask; masks survive in the checkpoint."""
+    from safetensors.torch import load_file
+
+    from moe_dist.adapters.lora import init_lora_A
+
+    out = tmp_path / "hellori"
+    _ok(_launch(_args(out, cache_dir, "--recipe", str(ROOT / "launch/recipes/tiny_hellori.yaml"), "train.steps=6",
+                      "hellori.stage1_steps=3", "eval.before=false", "hellora.profile_steps=4"), port=29537))
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines() if "event" in line]
+    assert any(e.startswith("hellora plan") for e in events) and any(e.startswith("hellori step 3") for e in events)
+    final = out / "checkpoints" / "step-6"
+    tensors = {}
+    for f in final.glob("adapters-rank*.safetensors"):
+        tensors.update(load_file(str(f)))
+    expert_B = [k for k in tensors if ".experts." in k and k.endswith("lora_B")]
+    experts_per_layer = {k.split(".")[1] for k in expert_B}
+    assert expert_B and len({k.split(".")[3] for k in expert_B}) <= 2 * len(experts_per_layer)  # 2 hot per layer
+    kept = total = 0
+    for k in expert_B:
+        mask = tensors[f"{k}.mask"]
+        assert torch.all(tensors[k][mask == 0] == 0), f"{k}: B moved outside its mask"
+        assert tensors[k].abs().sum() > 0, f"{k}: B did not train inside its mask"
+        kept, total = kept + int(mask.sum()), total + mask.numel()
+        a_key = k.replace("lora_B", "lora_A")
+        torch.testing.assert_close(tensors[a_key], init_lora_A(*tensors[a_key].shape, a_key, 0), rtol=0, atol=0)
+    assert 0.05 < kept / total < 0.15

@@ -129,6 +129,13 @@ class ExpertLoRABank(nn.Module):
             out[expert_param_key(self.layer, expert, proj, "lora_B")] = self.lora_B[name]
         return out
 
+    def lori_masks(self) -> dict[str, torch.Tensor]:
+        """LoRI's B masks (buffers, set in place) under the logical key of their B."""
+        if not self.lori:
+            return {}
+        return {expert_param_key(self.layer, e, p, "lora_B"): getattr(self, f"mask_{name}")
+                for name, (e, p) in self._keys.items()}
+
     def flops_per_token(self, expert: int) -> int:
         """Adapter multiply-adds (x2) one routed token costs at `expert`: 2 R (I + O) per projection."""
         total = 0

@@ -144,8 +144,10 @@ def _fsync_dir(path: Path) -> None:
 
 # ---- save ---------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | Path, step: int, engine, params: dict[str, torch.nn.Parameter], plan_json: str,
-                    trainer_state: dict, routing: dict[str, torch.Tensor], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+                    trainer_state: dict, routing: dict[str, torch.Tensor], keep: int,
+                    masks: dict[str, torch.Tensor] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory. `masks` (LoRI's, by the
+    key of their B) are saved beside the adapters as `{key}.mask`."""
     rank, world = _rank_world()
     root = checkpoint_root(output_dir)
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
@@ -157,7 +159,9 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, params: dict[str,
     values, optim = full_state(params, with_optimizer=True)
     mine = {k for k, p in params.items() if writes_canonical_copy(p)}
     if mine:
-        save_file({k: v for k, v in values.items() if k in mine}, str(tmp / f"adapters-rank{rank:05d}.safetensors"))
+        tensors = {k: v for k, v in values.items() if k in mine}
+        tensors.update({f"{k}.mask": m.detach().cpu().contiguous() for k, m in (masks or {}).items() if k in mine})
+        save_file(tensors, str(tmp / f"adapters-rank{rank:05d}.safetensors"))
         opt_mine = {k: v for k, v in optim.items() if k.rsplit("/", 1)[0] in mine}
         if opt_mine:
             save_file(opt_mine, str(tmp / f"optimizer-rank{rank:05d}.safetensors"))
@@ -212,7 +216,7 @@ def load_adapter_values(path: Path, params: dict[str, torch.nn.Parameter]) -> in
     """Copy saved values into this rank's params (before the engine is built, so ZeRO's fp32
     partitions start from them). Every param must be in the checkpoint."""
     index = _key_index(path, "adapters")
-    missing = sorted(set(params) - set(index))
+    missing = sorted(set(params) - set(index))  # (mask entries are extra keys, ignored here)
     if missing:
         raise ResumeError(f"checkpoint {path} lacks {len(missing)} adapter tensors this run needs, e.g. {missing[:3]}; "
                           "was it written with a different plan?")
@@ -223,6 +227,17 @@ def load_adapter_values(path: Path, params: dict[str, torch.nn.Parameter]) -> in
                 raise ResumeError(f"checkpoint {path}: {k} has shape {tuple(saved[k].shape)}, the model {tuple(p.shape)}")
             p.copy_(saved[k].to(p.dtype))
     return len(saved)
+
+
+def load_masks(path: Path, masks: dict[str, torch.Tensor]) -> int:
+    """LoRI masks saved with the adapters (absent before HELLoRI's stage 2: left as they are)."""
+    index = _key_index(path, "adapters")
+    present = [k for k in masks if f"{k}.mask" in index]
+    saved = _read(index, [f"{k}.mask" for k in present])
+    with torch.no_grad():
+        for k in present:
+            masks[k].copy_(saved[f"{k}.mask"])
+    return len(present)
 
 
 def adam_step(engine) -> int:

@@ -110,23 +110,23 @@ def carry_over(old_values: dict, old_optim: dict, new_params: dict[str, torch.nn
 
 def restructure(trainer, new_plan: AdapterPlan) -> dict:
     """Collective. Moves `trainer` (model, engine, scheduler) onto `new_plan`; returns counts."""
-    from moe_dist.train.engine import build_engine
-
-    engine = trainer.engine
-    ckpt.link_optimizer_state(engine)
-    old_values, old_optim = ckpt.full_state(adapter_params(trainer.model), with_optimizer=True)
-    optimizer_step = ckpt.adam_step(engine)
-    scheduler_state = trainer.scheduler.state_dict()
-    counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps")}
-    destroy_engine(engine)
-    trainer.engine = trainer.scheduler = engine = None
-    gc.collect()
-
+    old_values, old_optim, optimizer_step, scheduler_state, counters = teardown(trainer)
     changed = apply_plan(trainer.model, new_plan)
     trainer.model.moe_dist_info = dataclasses.replace(trainer.model.moe_dist_info, plan=new_plan)
     trainer.plan = new_plan
     new_params = adapter_params(trainer.model)
     values, optim = carry_over(old_values, old_optim, new_params, trainer.model.moe_dist_info.lora)
+    rebuild_engine(trainer, values, optim, optimizer_step, scheduler_state, counters)
+    return {"layers_rebuilt": len(changed), "tensors_carried": len(values), "tensors": len(new_params)}
+
+
+def rebuild_engine(trainer, values: dict, optim: dict, optimizer_step: int, scheduler_state: dict | None,
+                   counters: dict) -> None:
+    """A fresh engine over the model's current parameters, starting from `values` (by key)
+    and the given optimizer/scheduler state. The old engine must be torn down already."""
+    from moe_dist.train.engine import build_engine
+
+    new_params = adapter_params(trainer.model)
     with torch.no_grad():
         for key, v in values.items():
             new_params[key].copy_(v.to(new_params[key].dtype))
@@ -136,4 +136,17 @@ def restructure(trainer, new_plan: AdapterPlan) -> dict:
                               scheduler_state)
     for k, v in counters.items():
         setattr(trainer.engine, k, v)
-    return {"layers_rebuilt": len(changed), "tensors_carried": len(values), "tensors": len(new_params)}
+
+
+def teardown(trainer) -> tuple[dict, dict, int, dict, dict]:
+    """Collective: snapshot everything by key, then destroy the engine (hooks included)."""
+    engine = trainer.engine
+    ckpt.link_optimizer_state(engine)
+    values, optim = ckpt.full_state(adapter_params(trainer.model), with_optimizer=True)
+    optimizer_step = ckpt.adam_step(engine)
+    scheduler_state = trainer.scheduler.state_dict()
+    counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps")}
+    destroy_engine(engine)
+    trainer.engine = trainer.scheduler = engine = None
+    gc.collect()
+    return values, optim, optimizer_step, scheduler_state, counters

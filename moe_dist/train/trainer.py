@@ -33,7 +33,8 @@ from moe_dist.train import checkpoint as ckpt
 from moe_dist.train.engine import build_engine
 from moe_dist.train.evaluate import exact_match
 from moe_dist.train.metrics import MetricsLogger
-from moe_dist.train.restructure import restructure
+from moe_dist.methods.hellori import sparsify_lori
+from moe_dist.train.restructure import rebuild_engine, restructure, teardown
 
 EMBEDDED_TASK = "embedded:arithmetic"
 
@@ -125,8 +126,8 @@ class Trainer:
         self._setup_data()
         if self.resume_from is not None:
             self.plan = AdapterPlan.from_json((self.resume_from / "plan.json").read_text())
-        elif cfg.method == "hellora":
-            self.plan = self.profile_hot_plan()
+        elif cfg.method in ("hellora", "hellori"):
+            self.plan = self.profile_hot_plan(lori=cfg.method == "hellori")
         else:
             self.plan = build_plan(cfg, self.hf_config)
         self.model = build_model(cfg, self.model_dir, self.plan, self.ep_size, self.device, self.bf16)
@@ -134,6 +135,7 @@ class Trainer:
         trainer_state = {}
         if self.resume_from is not None:
             n = ckpt.load_adapter_values(self.resume_from, adapter_params(self.model))
+            ckpt.load_masks(self.resume_from, self.lori_masks())
             trainer_state = ckpt.read_trainer_state(self.resume_from)
             self.step = trainer_state["step"]
             if trainer_state.get("importance_LE") is not None:
@@ -152,7 +154,7 @@ class Trainer:
         """Collective: trainable parameters of the whole job, each EP shard counted once."""
         return int(_global_sum(sum(p.numel() for p in self.params.values() if writes_canonical_copy(p)), self.device))
 
-    def profile_hot_plan(self) -> AdapterPlan:
+    def profile_hot_plan(self, lori: bool) -> AdapterPlan:
         """HELLoRA: count routing on `profile_steps` training micro-batches (forward only, with
         the frozen base: attention adapters start at B = 0), then place LoRA on the hot experts.
 
@@ -170,8 +172,8 @@ class Trainer:
         del model
         self.batches.load_state_dict({"epoch": 0, "rows_consumed": 0})
         hot = hot_experts(stats.tokens_LE, stats.layers, h.selection, h.top_k, h.coverage)
-        plan = hot_plan(base, hot, cfg.lora.rank, lori=False)
-        agree_on_plan(plan, "hellora hot-expert plan")
+        plan = hot_plan(base, hot, cfg.lora.rank, lori=lori)
+        agree_on_plan(plan, f"{cfg.method} hot-expert plan")
         self.routing_profile = stats
         summary = "; ".join(f"layer {layer}: {experts}" for layer, experts in hot.items())
         self.log(f"hellora: profiled {h.profile_steps} micro-batches per rank; hot experts {summary}")
@@ -218,7 +220,7 @@ class Trainer:
                  "importance_LE": None if self.importance_LE is None else self.importance_LE.tolist(),
                  "config": asdict(self.cfg)}
         return ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.engine, adapter_params(self.model), self.plan.to_json(),
-                                    state, self._routing_tensors(), self.cfg.checkpoint.keep)
+                                    state, self._routing_tensors(), self.cfg.checkpoint.keep, self.lori_masks())
 
     def collect_routing(self):
         """Collective: drain the model's counters into the run total and the method's window."""
@@ -252,6 +254,31 @@ class Trainer:
         return (f"epng step {self.step}: pruned {len(pruned)} expert adapters {pruned}, grew {grown}; "
                 f"rank budget {sum(old.expert_ranks.values())} -> {sum(new_plan.expert_ranks.values())}; "
                 f"{info['layers_rebuilt']} layers rebuilt in {time.perf_counter() - t0:.2f}s")
+
+    def lori_masks(self) -> dict[str, torch.Tensor]:
+        return {k: m for mod in experts_modules(self.model).values() for k, m in mod.adapters.lori_masks().items()}
+
+    def lori_stage2(self) -> str:
+        """HELLoRI: masks from stage 1's B magnitudes, then B restarts at zero under the masks,
+        fresh optimizer state, learning rate x stage2_lr_scale (the schedule goes on)."""
+        h = self.cfg.hellori
+        self.scheduler_param_groups = [{"moe": g.get("moe", False)} for g in self.scheduler.optimizer.param_groups]
+        values, optim, step, scheduler_state, counters = teardown(self)
+        params = adapter_params(self.model)
+        for k, v in values.items():  # masks from the fp32 masters
+            with torch.no_grad():
+                params[k].copy_(v.to(params[k].dtype))
+        threshold, kept = sparsify_lori(params, self.lori_masks(), h.sparsity)
+        masks = self.lori_masks()
+        values = {k: (torch.zeros_like(v) if k in masks else v) for k, v in values.items()}
+        optim = {k: v for k, v in optim.items() if k.rsplit("/", 1)[0] not in masks}  # LoRI B: fresh state
+        # Only the expert (LoRI) groups: attention adapters stay plain LoRA on the normal schedule.
+        moe_groups = [bool(g.get("moe")) for g in self.scheduler_param_groups]
+        scheduler_state = dict(scheduler_state, base_lrs=[lr * h.stage2_lr_scale if moe else lr
+                                                          for lr, moe in zip(scheduler_state["base_lrs"], moe_groups)])
+        rebuild_engine(self, values, optim, step, scheduler_state, counters)
+        return (f"hellori step {self.step}: LoRI masks at |B| > {threshold:.3g} keep {100 * kept:.1f}% of B here; "
+                f"B restarted at zero, expert-adapter lr x{h.stage2_lr_scale}")
 
     def _routing_tensors(self) -> dict[str, torch.Tensor]:
         r = self.routing_total
@@ -302,6 +329,10 @@ class Trainer:
                 logger.heatmap("routing/expert_load", self.step, stats.load_share_LE())
                 logger.heatmap("routing/router_mass", self.step, stats.mass_share_LE())
                 t_log, steps_since_log = time.perf_counter(), 0
+            if cfg.method == "hellori" and self.step == cfg.hellori.stage1_steps:
+                event = self.lori_stage2()
+                logger.event(self.step, event)
+                logger.print(event)
             if self.epng_due():
                 event = self.epng_update()
                 if event:
