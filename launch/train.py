@@ -51,13 +51,18 @@ def peek_num_experts(cfg: RunConfig) -> int | None:
         return embedded.TINY_OLMOE["num_experts"]
     from transformers import AutoConfig
 
-    from moe_dist.models.arch import expert_sizes
+    from moe_dist.models.arch import UnsupportedModelError, expert_sizes
 
     try:
         hf_config = AutoConfig.from_pretrained(cfg.model)
     except Exception:  # unreachable hub, missing dir: reported with context when loading
         return None
-    return expert_sizes(hf_config)[0]  # an unsupported model type fails here, listing the supported
+    try:
+        return expert_sizes(hf_config)[0]
+    except UnsupportedModelError:
+        if cfg.method == "dmep":  # DMEP also runs on dense models
+            return None
+        raise  # an unsupported model type fails here, listing the supported
 
 
 def parse(argv: list[str] | None) -> RunConfig:

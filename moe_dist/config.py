@@ -90,6 +90,20 @@ class HelloriSection:
 
 
 @dataclass
+class DmepSection:
+    """method: dmep (see moe_dist/methods/dmep.py for the choices and their reasons)."""
+
+    num_experts: int = 8  # LoRA experts per target module (rank: lora.rank)
+    top_k: int = 2
+    targets: str = "auto"  # auto, or comma-separated paths in a layer: "self_attn.q_proj,mlp.up_proj"
+    lb_coef: float = 0.01  # load-balancing loss weight until the last prune point
+    prune_start: int = 40  # first prune point (step)
+    prune_interval: int = 20
+    prune_times: int = 2  # prune points: prune_start + i * prune_interval, i < prune_times
+    util_threshold: float = 0.5  # prune below util_threshold / N of the module's selections
+
+
+@dataclass
 class EpngSection:
     """method: epng (see moe_dist/methods/epng.py for the choices and their reasons)."""
 
@@ -122,6 +136,7 @@ class RunConfig:
     hellora: HelloraSection = field(default_factory=HelloraSection)
     epng: EpngSection = field(default_factory=EpngSection)
     hellori: HelloriSection = field(default_factory=HelloriSection)
+    dmep: DmepSection = field(default_factory=DmepSection)
 
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
         """Impossible combinations, named by key, before any process-group work."""
@@ -148,6 +163,14 @@ class RunConfig:
             raise ConfigError(f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.steps ({self.train.steps})")
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {sorted(METHODS)}")
+        if self.method == "dmep":
+            d = self.dmep
+            if not 0 < d.top_k <= d.num_experts:
+                raise ConfigError(f"dmep.top_k ({d.top_k}) must be in 1..dmep.num_experts ({d.num_experts})")
+            if d.prune_times < 0 or d.prune_interval <= 0 or d.prune_start <= 0:
+                raise ConfigError("dmep.prune_start and dmep.prune_interval must be > 0, dmep.prune_times >= 0")
+            if d.util_threshold < 0 or d.lb_coef < 0:
+                raise ConfigError("dmep.util_threshold and dmep.lb_coef must be >= 0")
         if self.method == "hellori":
             if not 0 < self.hellori.stage1_steps < self.train.steps:
                 raise ConfigError(f"hellori.stage1_steps ({self.hellori.stage1_steps}) must be in 1..train.steps-1")
@@ -180,7 +203,7 @@ class RunConfig:
             raise ConfigError(f"ds_config: no such file {self.ds_config!r}")
 
 
-METHODS = ("lora", "hellora", "hellori", "epng")
+METHODS = ("lora", "hellora", "hellori", "epng", "dmep")
 
 
 def _coerce(value: Any, typ: type, key: str) -> Any:

@@ -41,6 +41,11 @@ class AdapterPlan:
     expert_ranks: Mapping[ExpertKey, int] = field(default_factory=dict)
     attention_ranks: Mapping[AttentionKey, int] = field(default_factory=dict)
     lori: bool = False
+    # DMEP's LoRA-MoE: (layer, module path in the layer, e.g. "self_attn.q_proj") -> the LoRA
+    # experts alive there (ids stay stable through pruning), each of lora_moe_rank, top-k routed.
+    lora_moe: Mapping[tuple[int, str], tuple[int, ...]] = field(default_factory=dict)
+    lora_moe_rank: int = 0
+    lora_moe_top_k: int = 0
 
     def __post_init__(self) -> None:
         # Attention projection names vary by architecture (DeepSeek's MLA has q_a_proj, ...):
@@ -54,6 +59,11 @@ class AdapterPlan:
         # Canonical form: drop zeros so equal plans compare and hash equal.
         object.__setattr__(self, "expert_ranks", {k: r for k, r in sorted(self.expert_ranks.items()) if r})
         object.__setattr__(self, "attention_ranks", {k: r for k, r in sorted(self.attention_ranks.items()) if r})
+        object.__setattr__(self, "lora_moe", {k: tuple(sorted(v)) for k, v in sorted(self.lora_moe.items()) if v})
+        for key, experts in self.lora_moe.items():
+            if len(experts) < self.lora_moe_top_k:
+                raise ValueError(f"AdapterPlan: {key} keeps {len(experts)} LoRA experts, fewer than top-k "
+                                 f"{self.lora_moe_top_k}")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -100,17 +110,23 @@ class AdapterPlan:
             "expert_ranks": [[l, e, p, r] for (l, e, p), r in self.expert_ranks.items()],
             "attention_ranks": [[l, p, r] for (l, p), r in self.attention_ranks.items()],
             "lori": self.lori,
+            "lora_moe": [[l, m, list(es)] for (l, m), es in self.lora_moe.items()],
+            "lora_moe_rank": self.lora_moe_rank,
+            "lora_moe_top_k": self.lora_moe_top_k,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "AdapterPlan":
-        unknown = set(data) - {"expert_ranks", "attention_ranks", "lori"}
+        unknown = set(data) - {"expert_ranks", "attention_ranks", "lori", "lora_moe", "lora_moe_rank", "lora_moe_top_k"}
         if unknown:
             raise ValueError(f"AdapterPlan: unknown field(s) {sorted(unknown)}")
         return cls(
             expert_ranks={(int(l), int(e), str(p)): int(r) for l, e, p, r in data.get("expert_ranks", [])},
             attention_ranks={(int(l), str(p)): int(r) for l, p, r in data.get("attention_ranks", [])},
             lori=bool(data.get("lori", False)),
+            lora_moe={(int(l), str(m)): tuple(int(e) for e in es) for l, m, es in data.get("lora_moe", [])},
+            lora_moe_rank=int(data.get("lora_moe_rank", 0)),
+            lora_moe_top_k=int(data.get("lora_moe_top_k", 0)),
         )
 
     def to_json(self) -> str:
@@ -134,6 +150,10 @@ class AdapterPlan:
             a, b = self.attention_ranks.get(key, 0), other.attention_ranks.get(key, 0)
             if a != b:
                 out.append(f"layer {key[0]} self_attn {key[1]}: rank {a} -> {b}")
+        for key in sorted(set(self.lora_moe) | set(other.lora_moe)):
+            a, b = self.lora_moe.get(key, ()), other.lora_moe.get(key, ())
+            if a != b:
+                out.append(f"layer {key[0]} {key[1]} LoRA experts: {list(a)} -> {list(b)}")
         if self.lori != other.lori:
             out.append(f"lori: {self.lori} -> {other.lori}")
         return out

@@ -49,6 +49,9 @@ def collect_routing_stats(model: nn.Module, reset: bool = True) -> RoutingStats:
     """Collective: all ranks call it. Sums every rank's counters; optionally resets them."""
     mods = experts_modules(model)
     layers = sorted(mods)
+    if not layers:  # a dense model (DMEP)
+        empty = torch.zeros(0, 0, dtype=torch.float64)
+        return RoutingStats([], empty, empty.clone())
     both_2LE = torch.stack([
         torch.stack([mods[layer].routed_tokens_E.to(torch.float64) for layer in layers]),
         torch.stack([_mass(mods[layer]) for layer in layers]),

@@ -213,3 +213,61 @@ def test_global_magnitude_threshold_keeps_the_share():
     x = [torch.arange(1, 101, dtype=torch.float32).reshape(10, 10), -torch.arange(101, 201, dtype=torch.float32)]
     t = global_magnitude_threshold(x, 0.1)
     assert sum(int((v.abs() > t).sum()) for v in x) == 20 and 180 <= t < 181
+
+
+# ---- DMEP ----------------------------------------------------------------------------------
+def test_dmep_prune_plan_thresholds():
+    from moe_dist.methods.dmep import initial_plan, prune_plan
+
+    plan = initial_plan([(0, "self_attn.q_proj"), (1, "mlp.up_proj")], num_experts=4, rank=4, top_k=2)
+    util = {(0, "self_attn.q_proj"): {0: 0.5, 1: 0.3, 2: 0.15, 3: 0.05},  # 0.5/4 = 0.125: drop 3
+            (1, "mlp.up_proj"): {0: 0.94, 1: 0.02, 2: 0.02, 3: 0.02}}  # all but one under: keep top-k = 2
+    new = prune_plan(util, plan, util_threshold=0.5)
+    assert new.lora_moe == {(0, "self_attn.q_proj"): (0, 1, 2), (1, "mlp.up_proj"): (0, 1)}
+    assert prune_plan(util, plan, 0.0) == plan
+    assert "LoRA experts" in plan.diff(new)[0]
+    assert AdapterPlan.from_json(new.to_json()) == new
+
+
+def _tiny_dense():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("qwen3", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_lora_moe_on_a_dense_model_prunes_physically_and_drops_lb():
+    from moe_dist.methods.dmep import dmep_targets, initial_plan, load_balancing_loss, lora_moe_modules, set_load_balancing
+    from moe_dist.models.convert import convert_dense_model
+    from moe_dist.train.restructure import apply_plan
+
+    hf = _tiny_dense()
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    targets = dmep_targets(2, dense=True)
+    assert len(targets) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    plan = initial_plan(targets, num_experts=4, rank=4, top_k=2)
+    model = convert_dense_model(copy.deepcopy(hf), plan)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=0, atol=1e-6)  # B = 0: the base model
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    lb = load_balancing_loss(model)
+    assert lb is not None and lb.item() >= 1.0 - 1e-6  # >= 1, equality only when perfectly balanced
+    (out.loss + 0.01 * lb).backward()
+    params = adapter_params(model)
+    assert params["layers.0.self_attn.q_proj.lora_moe.0.lora_B"].grad.abs().sum() > 0
+    assert params["layers.1.mlp.down_proj.lora_moe.3.router"].grad is not None  # LB reaches the router
+    pruned = AdapterPlan(lora_moe={**plan.lora_moe, (0, "self_attn.q_proj"): (1, 2)}, lora_moe_rank=4, lora_moe_top_k=2)
+    kept_B = params["layers.0.self_attn.q_proj.lora_moe.2.lora_B"]
+    assert apply_plan(model, pruned) == [0]
+    after = adapter_params(model)
+    assert "layers.0.self_attn.q_proj.lora_moe.0.lora_A" not in after and after[
+        "layers.0.self_attn.q_proj.lora_moe.2.lora_B"] is kept_B  # survivors keep their tensors
+    assert sum(p.numel() for p in after.values()) < sum(p.numel() for p in params.values())
+    set_load_balancing(model, False)
+    model(input_ids=ids)
+    assert load_balancing_loss(model) is None and all(m.aux_loss is None for m in lora_moe_modules(model))

@@ -165,3 +165,31 @@ def test_hellori_keeps_A_frozen_and_B_inside_its_mask(tmp_path, cache_dir):
         a_key = k.replace("lora_B", "lora_A")
         torch.testing.assert_close(tensors[a_key], init_lora_A(*tensors[a_key].shape, a_key, 0), rtol=0, atol=0)
     assert 0.05 < kept / total < 0.15
+
+
+def test_dmep_on_a_dense_checkpoint(tmp_path, cache_dir):
+    """DMEP end to end on a dense (Qwen3-shaped) checkpoint with the embedded tokenizer: LoRA
+    experts get pruned at the prune points, trainable params fall, load balancing goes off."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from moe_dist.models.embedded import embedded_task_files, ensure_embedded_model
+
+    embedded = ensure_embedded_model(cache_dir, 0, PRETRAIN_STEPS)
+    tok = AutoTokenizer.from_pretrained(embedded)
+    cfg = AutoConfig.for_model("qwen3", vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    dense = tmp_path / "dense"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(dense)
+    tok.save_pretrained(dense)
+    task = embedded_task_files(embedded)
+    out = tmp_path / "o"
+    _ok(_python(["--recipe", str(ROOT / "launch/recipes/tiny_dmep.yaml"), f"model={dense}", f"output_dir={out}",
+                 f"data.train={task['train']}", f"data.eval={task['test']}", "train.steps=6", "train.warmup_steps=1",
+                 "train.log_every=1", "eval.samples=8", "eval.max_new_tokens=4", "dmep.prune_start=2",
+                 "dmep.prune_interval=2", "dmep.util_threshold=0.9", "train.lr=0.01"]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in rows if "event" in r]
+    assert len(events) == 2 and "load balancing off" in events[-1], events
+    trainable = [r["trainable_params"] for r in rows if "trainable_params" in r]
+    assert trainable[-1] < trainable[0], trainable

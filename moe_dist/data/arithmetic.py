@@ -180,22 +180,32 @@ def read_task(path: str | Path) -> list[dict]:
 
 # ---- pre-training corpus -----------------------------------------------------------------
 
-def _fact_document(rng: random.Random) -> str:
-    """A line of addition/subtraction facts in the exact equation form the responses use."""
-    facts = []
-    for _ in range(rng.randint(4, 10)):
-        a = rng.randint(0, MAX_VALUE)
-        b = rng.randint(-min(a, AMOUNT_RANGE[1] * 2), min(MAX_VALUE - a, AMOUNT_RANGE[1] * 2)) or 1
-        if not 0 <= a + b <= MAX_VALUE:
-            b = -b
-        facts.append(_equation(a, b) + ".")
-    return " ".join(facts)
-
-
 def _random_problem(rng: random.Random) -> Problem:
     while (p := _sample_problem(rng)) is None:
         pass
     return p
+
+
+def _random_fact(rng: random.Random) -> tuple[int, int]:
+    """(a, signed b) with a, b and a + b in 0..MAX_VALUE and |b| at most twice the task's amounts."""
+    a = rng.randint(0, MAX_VALUE)
+    b = rng.randint(-min(a, AMOUNT_RANGE[1] * 2), min(MAX_VALUE - a, AMOUNT_RANGE[1] * 2)) or 1
+    return (a, b) if 0 <= a + b <= MAX_VALUE else (a, -b)
+
+
+def _fact_document(rng: random.Random) -> str:
+    """Addition/subtraction facts in the equation form the responses use, on one line or one a
+    line (so a number at the start of a line, as a response begins, is a known token too)."""
+    facts = [_equation(*_random_fact(rng)) + "." for _ in range(rng.randint(4, 10))]
+    return (" " if rng.random() < 0.5 else "\n").join(facts)
+
+
+def _quiz_document(rng: random.Random) -> str:
+    """A bare arithmetic question and its answer: the words of the task's question and answer
+    line, but no story and no worked chain."""
+    a, b = _random_fact(rng)
+    sep = " " if rng.random() < 0.5 else "\n"
+    return f"Question: How many is {a} {'+' if b > 0 else '-'} {abs(b)}?{sep}Answer: {a + b}"
 
 
 def _story_document(rng: random.Random) -> str:
@@ -230,23 +240,25 @@ def _recap_document(rng: random.Random) -> str:
 
 
 def _meaning_document(rng: random.Random) -> str:
-    """One 'when ...' sentence per verb: what the present-tense verbs of the task do."""
-    name, pron = NAMES[rng.randrange(len(NAMES))]
-    obj = OBJECTS[rng.randrange(len(OBJECTS))]
-    n = rng.randint(*AMOUNT_RANGE)
-    if rng.random() < 0.5:
-        verb = GAIN_VERBS[rng.randrange(len(GAIN_VERBS))][0]
-        return f"When {name} {verb} {n} {obj}, {pron.lower()} has {n} more {obj} than before."
-    verb = LOSS_VERBS[rng.randrange(len(LOSS_VERBS))][0]
-    return f"When {name} {verb} {n} {obj}, {pron.lower()} has {n} fewer {obj} than before."
+    """What a present-tense verb of the task does, as a general statement."""
+    (name, pron), obj = NAMES[rng.randrange(len(NAMES))], OBJECTS[rng.randrange(len(OBJECTS))]
+    n, m = rng.randint(*START_RANGE), rng.randint(*AMOUNT_RANGE)
+    gain = rng.random() < 0.5
+    verb = (GAIN_VERBS if gain else LOSS_VERBS)[rng.randrange(len(GAIN_VERBS if gain else LOSS_VERBS))][0]
+    change = "more" if gain else "fewer"
+    return (f"What does {name} have now? {name} has {n} {obj}. "
+            f"When {pron.lower()} {verb} {m}{' more' if gain else ''}, {pron.lower()} has {m} {change} {obj} than before.")
 
 
-_DOCUMENT_KINDS = ((_story_document, 0.35), (_recap_document, 0.3), (_fact_document, 0.2), (_meaning_document, 0.15))
+_DOCUMENT_KINDS = ((_story_document, 0.3), (_recap_document, 0.3), (_fact_document, 0.15), (_quiz_document, 0.1),
+                   (_meaning_document, 0.15))
 
 
 def pretraining_corpus(n: int, seed: int) -> list[str]:
-    """`n` short documents (stories, recaps, fact lines, verb meanings), deterministic in `seed`: what
-    the embedded base model learns the words and the arithmetic from before any fine-tuning."""
+    """`n` short documents (stories, recaps, facts, quizzes, verb meanings), deterministic in
+    `seed`: what the embedded base model learns the words and the arithmetic from before any
+    fine-tuning. Every token of the task occurs in it, so no embedding the task needs is left
+    at its random initial value (LoRA does not train embeddings)."""
     rng = random.Random(_split_seed(seed, "pretrain"))
     kinds = [k for k, _ in _DOCUMENT_KINDS]
     weights = [w for _, w in _DOCUMENT_KINDS]

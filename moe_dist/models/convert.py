@@ -13,6 +13,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from moe_dist.adapters.lora_moe import LoRAMoELinear
 from moe_dist.adapters.lora import LoRAConfig, LoRALinear
 from moe_dist.models.arch import ArchSpec, arch_spec, decoder_layers, moe_blocks
 from moe_dist.moe.experts import ExpertParallelExperts
@@ -86,8 +87,40 @@ def convert_model(
         del old
 
     _wrap_attention(model, spec, plan, lora, device)
+    apply_lora_moe(model, plan, lora, device)
     model.moe_dist_info = ConversionInfo(spec, plan, placements, ep_size, lora)
     return model
+
+
+def convert_dense_model(model: nn.Module, plan: AdapterPlan, lora: LoRAConfig = LoRAConfig(),
+                        device: torch.device | str | None = None) -> nn.Module:
+    """A dense HF causal LM (Llama, Qwen2/3, ...) with the plan's LoRA-MoE adapters (DMEP on
+    dense models). Expert adapters make no sense here and are refused."""
+    if plan.expert_ranks or plan.attention_ranks:
+        raise ValueError("a dense model takes only LoRA-MoE adapters (method: dmep)")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    apply_lora_moe(model, plan, lora, device)
+    model.moe_dist_info = ConversionInfo(None, plan, {}, 1, lora)
+    return model
+
+
+def apply_lora_moe(model: nn.Module, plan: AdapterPlan, lora: LoRAConfig, device=None) -> None:
+    layers = decoder_layers(model)
+    for (layer, path), experts in plan.lora_moe.items():
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"plan: LoRA-MoE on layer {layer}, model has {len(layers)} layers")
+        *parents, name = path.split(".")
+        owner = layers[layer]
+        for part in parents:
+            owner = getattr(owner, part, None)
+            if owner is None:
+                raise ValueError(f"plan: layer {layer} has no module {path!r}")
+        base = getattr(owner, name, None)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"plan: layer {layer} {path!r} is not a linear layer ({type(base).__name__})")
+        setattr(owner, name, LoRAMoELinear(base, layer, path, experts, plan.lora_moe_rank, plan.lora_moe_top_k, lora,
+                                           device))
 
 
 def _wrap_attention(model: nn.Module, spec: ArchSpec, plan: AdapterPlan, lora: LoRAConfig, device=None) -> None:
@@ -112,7 +145,7 @@ def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
     On an expert-parallel rank this holds that rank's experts' adapters and all attention ones."""
     out: dict[str, nn.Parameter] = {}
     for module in model.modules():
-        if isinstance(module, (ExpertParallelExperts, LoRALinear)):
+        if isinstance(module, (ExpertParallelExperts, LoRALinear, LoRAMoELinear)):
             out.update(module.adapter_params())
     return out
 

@@ -65,7 +65,7 @@ class MetricsLogger:
 
     def heatmap(self, tag: str, step: int, share_LE: torch.Tensor) -> None:
         """Per-layer (rows) per-expert (columns) shares as an image."""
-        if self.enabled:
+        if self.enabled and share_LE.numel():
             self.writer.add_image(tag, heatmap_rgb(share_LE), step, dataformats="CHW")
 
     def event(self, step: int, text: str) -> None:

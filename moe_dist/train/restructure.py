@@ -40,14 +40,23 @@ def destroy_engine(engine) -> None:
 def apply_plan(model: torch.nn.Module, plan: AdapterPlan) -> list[int]:
     """Rebuild the expert adapters of every layer whose ranks differ from `plan`. Attention
     adapters are not changed by any method here. Returns the rebuilt layers."""
+    from moe_dist.methods.dmep import lora_moe_modules
+
     changed = []
+    for m in lora_moe_modules(model):  # DMEP: pruning only (survivors keep their tensors)
+        want = plan.lora_moe.get((m.layer, m.path), ())
+        if tuple(m.experts) != tuple(want):
+            if not set(want) <= set(m.experts):
+                raise ValueError(f"layer {m.layer} {m.path}: LoRA experts {list(want)} not a subset of {m.experts}")
+            m.keep_experts(tuple(want))
+            changed.append(m.layer)
     for layer, mod in experts_modules(model).items():
         want = {k: r for k, r in plan.expert_ranks_of_layer(layer).items() if k[0] in mod.local_experts}
         have = {key: a.shape[0] for key, a in _bank_ranks(mod).items()}
         if want != have:
             mod.set_adapter_ranks(plan.expert_ranks_of_layer(layer))
             changed.append(layer)
-    return changed
+    return sorted(set(changed))
 
 
 def _bank_ranks(mod) -> dict[tuple[int, str], torch.Tensor]:

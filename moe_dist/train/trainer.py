@@ -20,9 +20,12 @@ from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.config import RunConfig
 from moe_dist.data.dataset import RowEncoder, encode_dataset, load_rows
 from moe_dist.data.packing import ShardedBatches
-from moe_dist.models.arch import expert_sizes, moe_layer_indices
-from moe_dist.models.convert import adapter_params, trainable_params
+from moe_dist.models.arch import UnsupportedModelError, arch_spec, expert_sizes, moe_layer_indices
+from moe_dist.models.convert import adapter_params, convert_dense_model, trainable_params
 from moe_dist.models.loading import load_model, resolve_checkpoint
+from moe_dist.methods.dmep import collect_utilisation, dmep_targets, load_balancing_loss, set_load_balancing
+from moe_dist.methods.dmep import initial_plan as dmep_initial_plan
+from moe_dist.methods.dmep import prune_plan as dmep_prune_plan
 from moe_dist.methods.epng import prune_and_grow
 from moe_dist.methods.hellora import hot_experts, hot_plan
 from moe_dist.parallel.agreement import agree_on_plan
@@ -75,7 +78,19 @@ def load_eval_set(cfg: RunConfig, tokenizer, model_dir: Path, log=print) -> tupl
     return evals["prompt_ids"], evals["reference"]
 
 
+def is_moe(hf_config) -> bool:
+    try:
+        arch_spec(hf_config)
+        return True
+    except UnsupportedModelError:
+        return False
+
+
 def build_plan(cfg: RunConfig, hf_config) -> AdapterPlan:
+    if cfg.method == "dmep":
+        d = cfg.dmep
+        targets = dmep_targets(hf_config.num_hidden_layers, dense=not is_moe(hf_config), targets=d.targets)
+        return dmep_initial_plan(targets, d.num_experts, cfg.lora.rank, d.top_k)
     num_experts, *_ = expert_sizes(hf_config)
     attention = range(hf_config.num_hidden_layers) if cfg.lora.attention else ()
     return AdapterPlan.uniform(moe_layer_indices(hf_config), num_experts, cfg.lora.rank, attention_layers=attention)
@@ -85,8 +100,16 @@ def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int
                 bf16: bool) -> torch.nn.Module:
     """The converted model: frozen base (bf16 on GPU, fp32 on CPU) + fp32 adapters from `plan`."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    model = load_model(str(model_dir), plan, ep_size=ep_size, dtype=dtype, device=device,
-                       lora=LoRAConfig(alpha=cfg.lora.alpha, rslora=cfg.lora.rslora, seed=cfg.seed))
+    lora = LoRAConfig(alpha=cfg.lora.alpha, rslora=cfg.lora.rslora, seed=cfg.seed)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not is_moe(AutoConfig.from_pretrained(model_dir)):  # a dense model: DMEP only, plain data parallel
+        if ep_size != 1:
+            raise ValueError(f"{model_dir} is a dense model: expert parallelism needs ep_size=1, got {ep_size}")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        model = convert_dense_model(model, plan, lora, device)
+    else:
+        model = load_model(str(model_dir), plan, ep_size=ep_size, dtype=dtype, device=device, lora=lora)
     model.config.use_cache = False
     return model
 
@@ -138,6 +161,8 @@ class Trainer:
             ckpt.load_masks(self.resume_from, self.lori_masks())
             trainer_state = ckpt.read_trainer_state(self.resume_from)
             self.step = trainer_state["step"]
+            if cfg.method == "dmep" and self.dmep_last_prune_passed():
+                set_load_balancing(self.model, False)
             if trainer_state.get("importance_LE") is not None:
                 self.importance_LE = torch.tensor(trainer_state["importance_LE"], dtype=torch.float64)
             self.log(f"resuming from {self.resume_from} (step {self.step}, saved by world {trainer_state['world_size']} "
@@ -206,6 +231,12 @@ class Trainer:
         for _ in range(self.cfg.train.grad_accum):
             batch = {k: v.to(self.device) for k, v in self.batches.next_batch().items()}
             loss = self.engine(**batch, use_cache=False).loss
+            lb = load_balancing_loss(self.model) if self.cfg.method == "dmep" else None
+            if lb is not None:
+                self.engine.backward(loss + self.cfg.dmep.lb_coef * lb)
+                losses.append(loss.detach())
+                self.engine.step()
+                continue
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
@@ -255,6 +286,33 @@ class Trainer:
                 f"rank budget {sum(old.expert_ranks.values())} -> {sum(new_plan.expert_ranks.values())}; "
                 f"{info['layers_rebuilt']} layers rebuilt in {time.perf_counter() - t0:.2f}s")
 
+    def dmep_due(self) -> bool:
+        d = self.cfg.dmep
+        points = [d.prune_start + i * d.prune_interval for i in range(d.prune_times)]
+        return self.cfg.method == "dmep" and self.step in points and self.step < self.cfg.train.steps
+
+    def dmep_last_prune_passed(self) -> bool:
+        d = self.cfg.dmep
+        return d.prune_times == 0 or self.step >= d.prune_start + (d.prune_times - 1) * d.prune_interval
+
+    def dmep_prune(self) -> str:
+        """Utilisation since the last decision -> per-module prune -> agree -> rebuild; the
+        load-balancing loss goes off after the last prune point."""
+        d = self.cfg.dmep
+        util = collect_utilisation(self.model)
+        new_plan = dmep_prune_plan(util, self.plan, d.util_threshold)
+        agree_on_plan(new_plan, f"dmep plan at step {self.step}")
+        before = sum(len(v) for v in self.plan.lora_moe.values())
+        if new_plan != self.plan:
+            restructure(self, new_plan)
+            self.trainable_total = self.count_trainable()
+        if self.dmep_last_prune_passed():
+            set_load_balancing(self.model, False)
+        after = sum(len(v) for v in new_plan.lora_moe.values())
+        widths = sorted(len(v) for v in new_plan.lora_moe.values())
+        return (f"dmep step {self.step}: LoRA experts {before} -> {after} over {len(new_plan.lora_moe)} modules "
+                f"(widths {widths[0]}..{widths[-1]}); load balancing {'off' if self.dmep_last_prune_passed() else 'on'}")
+
     def lori_masks(self) -> dict[str, torch.Tensor]:
         return {k: m for mod in experts_modules(self.model).values() for k, m in mod.adapters.lori_masks().items()}
 
@@ -292,8 +350,9 @@ class Trainer:
         expert = sum(share_LE[i, e].item() * top_k * mods[layer].adapters.flops_per_token(e)
                      for i, layer in enumerate(layers) for e in mods[layer].local_experts)
         expert = _global_sum(expert, self.device) / (self.world // self.ep_size)  # EDP replicas counted once
-        attention = sum(2 * p.numel() for k, p in adapter_params(self.model).items() if ".self_attn." in k)
-        return expert + attention
+        # Attention LoRA and LoRA-MoE run on every token (LoRA-MoE computes all its experts).
+        dense = sum(2 * p.numel() for k, p in adapter_params(self.model).items() if ".experts." not in k)
+        return expert + dense
 
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -331,6 +390,10 @@ class Trainer:
                 t_log, steps_since_log = time.perf_counter(), 0
             if cfg.method == "hellori" and self.step == cfg.hellori.stage1_steps:
                 event = self.lori_stage2()
+                logger.event(self.step, event)
+                logger.print(event)
+            if self.dmep_due():
+                event = self.dmep_prune()
                 logger.event(self.step, event)
                 logger.print(event)
             if self.epng_due():

@@ -1,0 +1,90 @@
+"""DMEP: LoRA-MoE adapters (N LoRA experts + a top-k router per module), low-utility LoRA
+experts pruned per module, then the load-balancing loss switched off (../shared/seeds/).
+
+Choices the summary leaves open, and why:
+- Utilisation of a LoRA expert = its share of the module's top-k selections since the last
+  decision (all ranks' tokens). It is what the router actually spends on the expert, the
+  quantity load balancing equalises, and comparable across modules of any width.
+- Threshold: prune an expert whose share is below `util_threshold / N` (N = the module's
+  current experts; default 0.5, i.e. under half the uniform share), always keeping at least
+  top-k experts (the most used). Per module, so each module ends with its own width, which is
+  the paper's point ("compact architectures tailored to each module").
+- After the last prune point the load-balancing loss is switched off, letting survivors
+  specialise.
+- Default targets: attention projections of MoE models (their experts are already sparse);
+  attention and MLP projections of dense models (the paper's Qwen3 setting).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_dist.adapters.lora_moe import LoRAMoELinear
+from moe_dist.plan import ATTENTION_PROJECTIONS, AdapterPlan
+
+DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def dmep_targets(num_layers: int, dense: bool, targets: str = "auto") -> list[tuple[int, str]]:
+    if targets == "auto":
+        paths = [f"self_attn.{p}" for p in ATTENTION_PROJECTIONS] + (list(DENSE_MLP) if dense else [])
+    else:
+        paths = [t.strip() for t in targets.split(",") if t.strip()]
+    return [(layer, path) for layer in range(num_layers) for path in paths]
+
+
+def initial_plan(targets: list[tuple[int, str]], num_experts: int, rank: int, top_k: int) -> AdapterPlan:
+    return AdapterPlan(lora_moe={t: tuple(range(num_experts)) for t in targets}, lora_moe_rank=rank,
+                       lora_moe_top_k=top_k)
+
+
+def lora_moe_modules(model: nn.Module) -> list[LoRAMoELinear]:
+    """In a fixed order (layer, path): every rank has every module, so it is the same order."""
+    return sorted((m for m in model.modules() if isinstance(m, LoRAMoELinear)), key=lambda m: (m.layer, m.path))
+
+
+def collect_utilisation(model: nn.Module, reset: bool = True) -> dict[tuple[int, str], dict[int, float]]:
+    """Collective: each module's share of selections per LoRA expert, summed over all ranks."""
+    mods = lora_moe_modules(model)
+    counts = torch.cat([m.selected_N.double() for m in mods]) if mods else torch.zeros(0, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    out, start = {}, 0
+    for m in mods:
+        c = counts[start: start + len(m.experts)].cpu()
+        start += len(m.experts)
+        total = c.sum().item()
+        out[(m.layer, m.path)] = {e: (c[i].item() / total if total else 0.0) for i, e in enumerate(m.experts)}
+        if reset:
+            m.selected_N.zero_()
+            m.gate_mass_N.zero_()
+    return out
+
+
+def prune_plan(utilisation: dict[tuple[int, str], dict[int, float]], plan: AdapterPlan, util_threshold: float
+               ) -> AdapterPlan:
+    """Pure: per module, drop experts under util_threshold / N, keeping at least top-k."""
+    new = {}
+    for key, experts in plan.lora_moe.items():
+        share = utilisation.get(key, {})
+        n = len(experts)
+        ranked = sorted(experts, key=lambda e: (-share.get(e, 0.0), e))
+        keep = [e for e in ranked if share.get(e, 0.0) >= util_threshold / n]
+        if len(keep) < plan.lora_moe_top_k:
+            keep = ranked[: plan.lora_moe_top_k]
+        new[key] = tuple(sorted(keep))
+    return AdapterPlan(expert_ranks=dict(plan.expert_ranks), attention_ranks=dict(plan.attention_ranks), lori=plan.lori,
+                       lora_moe=new, lora_moe_rank=plan.lora_moe_rank, lora_moe_top_k=plan.lora_moe_top_k)
+
+
+def set_load_balancing(model: nn.Module, enabled: bool) -> None:
+    for m in lora_moe_modules(model):
+        m.lb_enabled = enabled
+        m.aux_loss = None
+
+
+def load_balancing_loss(model: nn.Module) -> torch.Tensor | None:
+    losses = [m.aux_loss for m in lora_moe_modules(model) if m.lb_enabled and m.aux_loss is not None]
+    return torch.stack(losses).mean() if losses else None
