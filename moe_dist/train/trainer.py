@@ -418,6 +418,9 @@ class Trainer:
             "method": cfg.method, "model": cfg.model, "world_size": self.world, "ep_size": self.ep_size,
             "trainable_params": self.trainable_total, "adapter_flops_per_token": flops,
             "steps": self.step, "tokens_per_sec": tokens_per_step / (sum(times) / len(times)) if times else None,
+            # after the structure changes have happened (DMEP prunes, EPnG grows): the last quarter
+            "tokens_per_sec_final": (tokens_per_step / (sum(times[-max(1, len(times) // 4):]) / max(1, len(times) // 4))
+                                     if times else None),
             "first_loss": losses[0] if losses else None, "final_loss": run_losses if losses else None,
             "accuracy_before": before["accuracy"] if before else None,
             "accuracy_after": after["accuracy"] if after else None,
