@@ -57,7 +57,7 @@ class TrainSection:
 class EvalSection:
     every: int = 0  # evaluate every N steps (0 = before and after training only)
     samples: int = 200  # held-out prompts (0 = the whole split)
-    max_new_tokens: int = 16
+    max_new_tokens: int = 40
     batch_size: int = 32
     before: bool = True  # also measure the base model
 

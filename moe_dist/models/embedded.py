@@ -88,13 +88,17 @@ def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     """A byte-level BPE tokenizer trained on `texts`, as a PreTrainedTokenizerFast.
 
     Byte-level so any text round-trips exactly (exact-match compares decoded text); no prefix
-    space, so a prompt and its response tokenize the same separately as joined at a newline."""
+    space, so a prompt and its response tokenize the same separately as joined at a newline.
+    Digits are single tokens whatever precedes them (a space is a token of its own before a
+    number): the "3" that starts a response is then the same token as the " 3" in its prompt,
+    so the model can copy numbers, and numbers are spelt digit by digit as in LLaMA."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = list(SPECIAL_TOKENS.values())
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
