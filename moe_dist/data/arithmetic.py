@@ -4,15 +4,18 @@ is pre-trained on.
 Why synthetic: the default model must be fine-tuned and evaluated with no downloads, and the
 result must show LoRA doing something measurable. A problem is a short story over small
 numbers ("Ann has 3 apples. She buys 4 more. She gives away 2. How many apples does Ann have
-now?"); the response works it out in a fixed short chain ("3 + 4 = 7. 7 - 2 = 5. Answer: 5"),
-so each token needs one copied number or one small addition/subtraction fact, which a tiny
-model can learn.
+now?\n"); the response works it out in a fixed short chain ("3 + 4 = 7. 7 - 2 = 5. Answer: 5"),
+so each token is one copied number or one small addition/subtraction fact, which a tiny
+model can learn. Exact match compares the whole chain.
 
 The pre-training corpus teaches the same vocabulary, the same arithmetic facts and what the
-verbs mean, but never in the question/answer form: there are no questions, no "Answer:" and
-no prompt/response separator. The base model therefore knows the pieces but scores near zero
-exact-match, and fine-tuning has to teach the format and the mapping from the story to the
-chain, which is what raises exact-match.
+verbs mean, but never in the task's form: no word problem in it is followed by a question and
+a worked chain; stories carry their sums inline or in a "Working it out: ..." sentence, and
+the only question/answer lines are bare sums. The base model therefore knows the pieces but
+scores near zero exact-match, and fine-tuning has to teach the format and the mapping from a
+question to the chain, which is what raises exact-match. Every token the task uses occurs in
+the corpus: LoRA does not train embeddings, so a token the base never saw would keep its
+random initial vector and could not be learned.
 
 Everything is deterministic in `seed`. Train and test are disjoint by construction: a
 problem's split is a hash of its arithmetic skeleton (start value and signed steps), so the
@@ -45,7 +48,7 @@ NAMES: tuple[tuple[str, str], ...] = (
 )
 OBJECTS: tuple[str, ...] = ("apples", "pens", "cards", "books", "coins", "shells", "stamps", "marbles",
                             "cookies", "stickers", "toys", "eggs")
-# Present tense for the task; past tense and "when ..." sentences for the corpus.
+# (present, past): the task is in the present tense, the corpus in both.
 GAIN_VERBS: tuple[tuple[str, str], ...] = (("buys", "bought"), ("finds", "found"), ("gets", "got"), ("wins", "won"))
 LOSS_VERBS: tuple[tuple[str, str], ...] = (("gives away", "gave away"), ("loses", "lost"), ("sells", "sold"),
                                            ("uses", "used"))
@@ -63,14 +66,6 @@ class Problem:
     obj: int
     start: int
     steps: tuple[Step, ...]
-
-    def totals(self) -> list[int]:
-        """Running totals after each step (the last one is the answer)."""
-        out, value = [], self.start
-        for s in self.steps:
-            value += s.amount
-            out.append(value)
-        return out
 
     def skeleton(self) -> str:
         """The arithmetic alone: what decides the split, so no number chain is in both."""
@@ -129,8 +124,9 @@ def split_of(p: Problem) -> str:
     return "test" if (h % 10_000) < TEST_FRACTION * 10_000 else "train"
 
 
-def _split_seed(seed: int, split: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"arithmetic:{seed}:{split}".encode()).digest()[:8], "little")
+def _derived_seed(seed: int, purpose: str) -> int:
+    """Independent random streams per purpose (train, test, pretrain) from one user seed."""
+    return int.from_bytes(hashlib.sha256(f"arithmetic:{seed}:{purpose}".encode()).digest()[:8], "little")
 
 
 def make_examples(n: int, seed: int, split: str) -> list[dict]:
@@ -140,7 +136,7 @@ def make_examples(n: int, seed: int, split: str) -> list[dict]:
     never share a number chain whatever seeds and sizes are used."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = random.Random(_split_seed(seed, split))
+    rng = random.Random(_derived_seed(seed, split))
     seen: set[str] = set()
     out: list[dict] = []
     attempts = 0
@@ -244,10 +240,10 @@ def _meaning_document(rng: random.Random) -> str:
     (name, pron), obj = NAMES[rng.randrange(len(NAMES))], OBJECTS[rng.randrange(len(OBJECTS))]
     n, m = rng.randint(*START_RANGE), rng.randint(*AMOUNT_RANGE)
     gain = rng.random() < 0.5
-    verb = (GAIN_VERBS if gain else LOSS_VERBS)[rng.randrange(len(GAIN_VERBS if gain else LOSS_VERBS))][0]
-    change = "more" if gain else "fewer"
-    return (f"What does {name} have now? {name} has {n} {obj}. "
-            f"When {pron.lower()} {verb} {m}{' more' if gain else ''}, {pron.lower()} has {m} {change} {obj} than before.")
+    verb = rng.choice(GAIN_VERBS if gain else LOSS_VERBS)[0]
+    event = f"{verb} {m} more" if gain else f"{verb} {m}"
+    return (f"What does {name} have now? {name} has {n} {obj}. When {pron.lower()} {event}, "
+            f"{pron.lower()} has {m} {'more' if gain else 'fewer'} {obj} than before.")
 
 
 _DOCUMENT_KINDS = ((_story_document, 0.3), (_recap_document, 0.3), (_fact_document, 0.15), (_quiz_document, 0.1),
@@ -259,15 +255,15 @@ def pretraining_corpus(n: int, seed: int) -> list[str]:
     `seed`: what the embedded base model learns the words and the arithmetic from before any
     fine-tuning. Every token of the task occurs in it, so no embedding the task needs is left
     at its random initial value (LoRA does not train embeddings)."""
-    rng = random.Random(_split_seed(seed, "pretrain"))
+    rng = random.Random(_derived_seed(seed, "pretrain"))
     kinds = [k for k, _ in _DOCUMENT_KINDS]
     weights = [w for _, w in _DOCUMENT_KINDS]
     return [rng.choices(kinds, weights)[0](rng) for _ in range(n)]
 
 
 def task_vocabulary() -> list[str]:
-    """Every word and symbol the task can use, including the ones only the task uses (the
-    question words, PROMPT_SUFFIX): fed to the tokenizer trainer so they get merges too."""
+    """Every word and number the task can use, plus a few whole examples: fed to the tokenizer
+    trainer beside the corpus so the task's words get whole-word tokens."""
     words = [n for n, _ in NAMES] + [p for _, p in NAMES] + list(OBJECTS)
     words += [v for pair in GAIN_VERBS + LOSS_VERBS for v in pair]
     words += [str(i) for i in range(MAX_VALUE + 1)]

@@ -4,14 +4,15 @@ briefly on synthetic text, built once and cached as a real HF checkpoint directo
 Why: the default run must fine-tune something that has actually learned, with no downloads.
 A random-init model makes every fine-tuning figure meaningless; a pre-trained one that knows
 the words and the arithmetic facts (`moe_dist.data.arithmetic.pretraining_corpus`) but not the
-question/answer format starts low on the arithmetic task, so LoRA visibly raises exact-match.
+task's question/answer form starts near zero exact-match on the arithmetic task, and LoRA
+visibly raises it.
 
 The directory is an ordinary checkpoint (config.json, model.safetensors, generation_config.json,
 tokenizer files with a chat template) plus `task/{train,test}.jsonl` and `build.json`, so it is
 loaded by the same code as a hub model and by `AutoModelForCausalLM`/`AutoTokenizer`. It is
 built atomically (a temp dir beside the target, then a rename): concurrent builders race
 harmlessly and a reader never sees half a checkpoint. Deterministic in (seed, pretrain_steps)
-for a given thread count.
+on a given machine (same core count).
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from moe_dist.data import arithmetic
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 EMBEDDED_NAME = "embedded:tiny-olmoe"
 DEFAULT_PRETRAIN_STEPS = 600
@@ -84,7 +89,7 @@ def embedded_task_files(model_dir: str | os.PathLike) -> dict[str, Path]:
 
 # ---- tokenizer ---------------------------------------------------------------------------
 
-def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
+def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts`, as a PreTrainedTokenizerFast.
 
     Byte-level so any text round-trips exactly (exact-match compares decoded text); no prefix
@@ -114,7 +119,7 @@ def build_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
 
 # ---- model and pre-training --------------------------------------------------------------
 
-def build_config(tokenizer):
+def build_config(tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
     """The tiny OLMoE config, its vocabulary and special ids taken from `tokenizer`."""
     from moe_dist.models.tiny import tiny_config
 
@@ -122,7 +127,7 @@ def build_config(tokenizer):
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def _token_stream(tokenizer, seed: int, n_tokens: int) -> torch.Tensor:
+def _token_stream(tokenizer: PreTrainedTokenizerFast, seed: int, n_tokens: int) -> torch.Tensor:
     """At least `n_tokens` of corpus text as one id stream, each document between BOS and EOS,
     so the model learns where texts start and stop."""
     docs_per_round = max(256, n_tokens // 30)
@@ -146,8 +151,9 @@ def _lr_at(step: int, steps: int, peak: float) -> float:
 
 
 def pretrain(model: torch.nn.Module, stream: torch.Tensor, steps: int, seed: int) -> float:
-    """Causal-LM training on consecutive packed windows of `stream` (with the router's
-    load-balancing loss, so every expert is used); returns the mean LM loss of the last tenth."""
+    """Causal-LM training on shuffled fixed-length windows of the packed `stream`, with the
+    router's load-balancing loss so that every expert is used (as in a real MoE, and so that
+    expert placement has real load to balance). Returns the mean LM loss of the last tenth."""
     gen = torch.Generator().manual_seed(seed)
     n_windows = (len(stream) - 1) // PRETRAIN_SEQ_LEN
     windows = stream[: n_windows * PRETRAIN_SEQ_LEN].view(n_windows, PRETRAIN_SEQ_LEN)
@@ -175,19 +181,23 @@ def pretrain(model: torch.nn.Module, stream: torch.Tensor, steps: int, seed: int
 
 
 @contextlib.contextmanager
-def _all_cores() -> Iterator[None]:
-    """Use every core this process may run on while building (other ranks wait at a barrier
-    meanwhile), then restore the caller's thread count."""
-    before = torch.get_num_threads()
+def _build_settings() -> Iterator[None]:
+    """While building: every core this process may use (other ranks wait at a barrier
+    meanwhile), and deterministic kernels (the experts' scatter-adds are not bitwise
+    reproducible across threads otherwise), so a seed gives the same bytes on a given machine.
+    The caller's settings are restored after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     torch.set_num_threads(max(1, min(cores, 8)))
+    torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def build_embedded_model(directory: Path, seed: int, pretrain_steps: int) -> dict:
@@ -203,7 +213,7 @@ def build_embedded_model(directory: Path, seed: int, pretrain_steps: int) -> dic
     _log(f"tokenizer: {len(tokenizer)} tokens; corpus: {len(stream)} tokens")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_config(tokenizer))
-    loss = pretrain(model, stream, pretrain_steps, seed) if pretrain_steps > 0 else float("nan")
+    loss = pretrain(model, stream, pretrain_steps, seed) if pretrain_steps > 0 else None
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)
     model.save_pretrained(directory)
@@ -214,7 +224,7 @@ def build_embedded_model(directory: Path, seed: int, pretrain_steps: int) -> dic
               "vocab_size": len(tokenizer), "pretrain_tokens": pretrain_steps * PRETRAIN_BATCH * PRETRAIN_SEQ_LEN,
               "task_sizes": TASK_SIZES}
     (directory / "build.json").write_text(json.dumps(record, indent=2) + "\n")
-    _log(f"built in {record['build_seconds']}s, final pretraining loss {loss:.3f}")
+    _log(f"built in {record['build_seconds']}s, final pretraining loss {loss if loss is None else round(loss, 3)}")
     return record
 
 
@@ -230,7 +240,7 @@ def ensure_embedded_model(cache_dir: str | os.PathLike, seed: int = 0,
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        with _all_cores():
+        with _build_settings():
             build_embedded_model(tmp, seed, pretrain_steps)
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users
         os.rename(tmp, target)
