@@ -100,7 +100,7 @@ class DmepSection:
     prune_start: int = 40  # first prune point (step)
     prune_interval: int = 20
     prune_times: int = 2  # prune points: prune_start + i * prune_interval, i < prune_times
-    util_threshold: float = 0.5  # prune below util_threshold / N of the module's selections
+    util_threshold: float = 0.8  # prune below util_threshold / N of the module's selections
 
 
 @dataclass
