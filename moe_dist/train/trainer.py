@@ -231,13 +231,8 @@ class Trainer:
         for _ in range(self.cfg.train.grad_accum):
             batch = {k: v.to(self.device) for k, v in self.batches.next_batch().items()}
             loss = self.engine(**batch, use_cache=False).loss
-            lb = load_balancing_loss(self.model) if self.cfg.method == "dmep" else None
-            if lb is not None:
-                self.engine.backward(loss + self.cfg.dmep.lb_coef * lb)
-                losses.append(loss.detach())
-                self.engine.step()
-                continue
-            self.engine.backward(loss)
+            lb = load_balancing_loss(self.model) if self.cfg.method == "dmep" else None  # None once off
+            self.engine.backward(loss if lb is None else loss + self.cfg.dmep.lb_coef * lb)
             self.engine.step()
             losses.append(loss.detach())
         fail_at = os.environ.get("MOE_DIST_FAIL_AT")  # "rank:step": a test hook for crash handling
