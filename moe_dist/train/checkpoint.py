@@ -103,7 +103,7 @@ def _ordered(params: dict[str, torch.nn.Parameter]) -> list[tuple[str, torch.nn.
     return sorted(params.items(), key=lambda kv: (getattr(kv[1], "allreduce", True) is False, kv[0]))
 
 
-def full_state(params: dict[str, torch.nn.Parameter], with_optimizer: bool) -> tuple[dict, dict]:
+def full_state(params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict]:
     """(values, optimizer state) of every param, full and fp32, by logical key."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -111,7 +111,7 @@ def full_state(params: dict[str, torch.nn.Parameter], with_optimizer: bool) -> t
     for key, p in _ordered(params):
         full = safe_get_full_fp32_param(p) if p.requires_grad else None
         values[key] = (full if full is not None else p.detach().float()).cpu().contiguous()
-        if with_optimizer and p.requires_grad:
+        if p.requires_grad:
             for name in OPTIM_KEYS:
                 state = safe_get_full_optimizer_state(p, name)
                 if state is not None:
@@ -156,7 +156,7 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, params: dict[str,
         tmp.mkdir(parents=True)
     _barrier()
     link_optimizer_state(engine)
-    values, optim = full_state(params, with_optimizer=True)
+    values, optim = full_state(params)
     mine = {k for k, p in params.items() if writes_canonical_copy(p)}
     if mine:
         tensors = {k: v for k, v in values.items() if k in mine}

@@ -199,7 +199,6 @@ class Trainer:
         hot = hot_experts(stats.tokens_LE, stats.layers, h.selection, h.top_k, h.coverage)
         plan = hot_plan(base, hot, cfg.lora.rank, lori=lori)
         agree_on_plan(plan, f"{cfg.method} hot-expert plan")
-        self.routing_profile = stats
         summary = "; ".join(f"layer {layer}: {experts}" for layer, experts in hot.items())
         self.log(f"hellora: profiled {h.profile_steps} micro-batches per rank; hot experts {summary}")
         self.pending_events.append(f"hellora plan {plan.hash()}: hot experts {summary}")
@@ -308,6 +307,16 @@ class Trainer:
         return (f"dmep step {self.step}: LoRA experts {before} -> {after} over {len(new_plan.lora_moe)} modules "
                 f"(widths {widths[0]}..{widths[-1]}); load balancing {'off' if self.dmep_last_prune_passed() else 'on'}")
 
+    def structure_change(self) -> str | None:
+        """The method's decision due at this step, if any (a collective on every rank)."""
+        if self.cfg.method == "hellori" and self.step == self.cfg.hellori.stage1_steps:
+            return self.lori_stage2()
+        if self.dmep_due():
+            return self.dmep_prune()
+        if self.epng_due():
+            return self.epng_update()
+        return None
+
     def lori_masks(self) -> dict[str, torch.Tensor]:
         return {k: m for mod in experts_modules(self.model).values() for k, m in mod.adapters.lori_masks().items()}
 
@@ -315,18 +324,17 @@ class Trainer:
         """HELLoRI: masks from stage 1's B magnitudes, then B restarts at zero under the masks,
         fresh optimizer state, learning rate x stage2_lr_scale (the schedule goes on)."""
         h = self.cfg.hellori
-        self.scheduler_param_groups = [{"moe": g.get("moe", False)} for g in self.scheduler.optimizer.param_groups]
+        moe_groups = [bool(g.get("moe")) for g in self.scheduler.optimizer.param_groups]
         values, optim, step, scheduler_state, counters = teardown(self)
         params = adapter_params(self.model)
-        for k, v in values.items():  # masks from the fp32 masters
-            with torch.no_grad():
+        with torch.no_grad():  # masks from the fp32 masters
+            for k, v in values.items():
                 params[k].copy_(v.to(params[k].dtype))
         threshold, kept = sparsify_lori(params, self.lori_masks(), h.sparsity)
         masks = self.lori_masks()
         values = {k: (torch.zeros_like(v) if k in masks else v) for k, v in values.items()}
         optim = {k: v for k, v in optim.items() if k.rsplit("/", 1)[0] not in masks}  # LoRI B: fresh state
         # Only the expert (LoRI) groups: attention adapters stay plain LoRA on the normal schedule.
-        moe_groups = [bool(g.get("moe")) for g in self.scheduler_param_groups]
         scheduler_state = dict(scheduler_state, base_lrs=[lr * h.stage2_lr_scale if moe else lr
                                                           for lr, moe in zip(scheduler_state["base_lrs"], moe_groups)])
         rebuild_engine(self, values, optim, step, scheduler_state, counters)
@@ -383,19 +391,10 @@ class Trainer:
                 logger.heatmap("routing/expert_load", self.step, stats.load_share_LE())
                 logger.heatmap("routing/router_mass", self.step, stats.mass_share_LE())
                 t_log, steps_since_log = time.perf_counter(), 0
-            if cfg.method == "hellori" and self.step == cfg.hellori.stage1_steps:
-                event = self.lori_stage2()
+            event = self.structure_change()
+            if event:
                 logger.event(self.step, event)
                 logger.print(event)
-            if self.dmep_due():
-                event = self.dmep_prune()
-                logger.event(self.step, event)
-                logger.print(event)
-            if self.epng_due():
-                event = self.epng_update()
-                if event:
-                    logger.event(self.step, event)
-                    logger.print(event)
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 logger.eval(self.step, self.evaluate())
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
@@ -408,14 +407,14 @@ class Trainer:
         logger.close()
         r = self.routing_total
         flops = self.adapter_flops_per_token(r.load_share_LE(), r.layers) if r is not None else None
+        last = times[-max(1, len(times) // 4):]
         run_losses = _global_sum(sum(losses[-5:]) / max(1, len(losses[-5:])), self.device) / self.world
         summary = {
             "method": cfg.method, "model": cfg.model, "world_size": self.world, "ep_size": self.ep_size,
             "trainable_params": self.trainable_total, "adapter_flops_per_token": flops,
-            "steps": self.step, "tokens_per_sec": tokens_per_step / (sum(times) / len(times)) if times else None,
+            "steps": self.step, "tokens_per_sec": tokens_per_step * len(times) / sum(times) if times else None,
             # after the structure changes have happened (DMEP prunes, EPnG grows): the last quarter
-            "tokens_per_sec_final": (tokens_per_step / (sum(times[-max(1, len(times) // 4):]) / max(1, len(times) // 4))
-                                     if times else None),
+            "tokens_per_sec_final": tokens_per_step * len(last) / sum(last) if last else None,
             "first_loss": losses[0] if losses else None, "final_loss": run_losses if losses else None,
             "accuracy_before": before["accuracy"] if before else None,
             "accuracy_after": after["accuracy"] if after else None,
