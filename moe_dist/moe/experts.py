@@ -62,6 +62,25 @@ def _lora_delta(
         out_MO.index_add_(0, rows, delta)
 
 
+def permute_slots_(w_e__: torch.Tensor, src: list[int]) -> None:
+    """In place, w[i] <- w[src[i]] for a permutation `src`, one slot of scratch per cycle."""
+    done = [False] * len(src)
+    for i in range(len(src)):
+        if done[i] or src[i] == i:
+            done[i] = True
+            continue
+        scratch = w_e__[i].clone()
+        j = i
+        while True:
+            done[j] = True
+            k = src[j]
+            if k == i:
+                w_e__[j].copy_(scratch)
+                break
+            w_e__[j].copy_(w_e__[k])
+            j = k
+
+
 class ExpertParallelExperts(MoE):
     """Holds the base weights of this rank's experts and their adapters; dispatches tokens.
 
@@ -145,14 +164,42 @@ class ExpertParallelExperts(MoE):
         base weights are permuted to match and the dispatcher is rebuilt. New adapters start
         at their initialisation (A seeded by key, B zero): the caller carries surviving values
         over by logical key."""
+        self.set_placement(self.placement, ranks, {})
+
+    def set_placement(self, placement: ExpertPlacement, ranks: Mapping[tuple[int, str], int],
+                      arriving: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Own the experts `placement` gives this rank, with adapters of the given ranks.
+
+        `arriving[e]` = (gate_up_2FD, down_DF) of each expert that comes from another rank.
+        Base weights change in place (leaving experts' slots take arriving ones, then a cycle
+        permutation into the new slot order), so the extra memory is one expert's slice.
+        Adapters are rebuilt fresh, as in set_adapter_ranks."""
+        if placement.num_experts != self.num_experts or placement.ep_size != self.ep_size:
+            raise ValueError(f"layer {self.layer}: placement for {placement.num_experts} experts / EP "
+                             f"{placement.ep_size}, layer has {self.num_experts} / EP {self.ep_size}")
         device = self.gate_up_proj.device
-        old_slot = {expert: slot for slot, expert in enumerate(self.local_experts)}
+        self.placement = placement
         self.experts_by_rank = self._slot_order(ranks)
-        self.local_experts = self.experts_by_rank[self.groups.ep_rank]
-        perm = torch.tensor([old_slot[e] for e in self.local_experts], device=device)
+        new_local = self.experts_by_rank[self.groups.ep_rank]
+        if len(new_local) != len(self.local_experts):
+            raise ValueError(f"layer {self.layer}: EP rank {self.groups.ep_rank} would own {len(new_local)} experts, "
+                             f"it holds {len(self.local_experts)}; placements keep the count per rank")
+        slot_of = {e: s for s, e in enumerate(self.local_experts)}
+        leaving = [s for s, e in enumerate(self.local_experts) if e not in new_local]
+        coming = [e for e in new_local if e not in slot_of]
+        missing = [e for e in coming if e not in arriving]
+        if missing:
+            raise ValueError(f"layer {self.layer}: EP rank {self.groups.ep_rank} gets experts {missing} without weights")
         with torch.no_grad():
-            self.gate_up_proj.data = self.gate_up_proj.data.index_select(0, perm)
-            self.down_proj.data = self.down_proj.data.index_select(0, perm)
+            for s, e in zip(leaving, coming, strict=True):
+                gate_up_2FD, down_DF = arriving[e]
+                self.gate_up_proj[s].copy_(gate_up_2FD)
+                self.down_proj[s].copy_(down_DF)
+                slot_of[e] = s
+            src = [slot_of[e] for e in new_local]
+            permute_slots_(self.gate_up_proj.data, src)
+            permute_slots_(self.down_proj.data, src)
+        self.local_experts = new_local
         self._build_adapters(ranks, device)
         self.dispatcher = self._make_dispatcher(device)
 

@@ -117,16 +117,22 @@ def carry_over(old_values: dict, old_optim: dict, new_params: dict[str, torch.nn
     return values, optim
 
 
-def restructure(trainer, new_plan: AdapterPlan) -> dict:
-    """Collective. Moves `trainer` (model, engine, scheduler) onto `new_plan`; returns counts."""
+def restructure(trainer, new_plan: AdapterPlan, placements: dict | None = None) -> dict:
+    """Collective. Moves `trainer` (model, engine, scheduler) onto `new_plan` and, if given,
+    new expert placements (one engine rebuild for both); returns counts and the move report."""
+    from moe_dist.train.repartition import move_experts
+
     old_values, old_optim, optimizer_step, scheduler_state, counters = teardown(trainer)
     changed = apply_plan(trainer.model, new_plan)
     trainer.model.moe_dist_info = dataclasses.replace(trainer.model.moe_dist_info, plan=new_plan)
     trainer.plan = new_plan
     new_params = adapter_params(trainer.model)
     values, optim = carry_over(old_values, old_optim, new_params, trainer.model.moe_dist_info.lora)
+    move = None
+    if placements:
+        values, optim, move = move_experts(trainer.model, new_plan, placements, values, optim, optimizer_step > 0)
     rebuild_engine(trainer, values, optim, optimizer_step, scheduler_state, counters)
-    return {"layers_rebuilt": len(changed), "tensors_carried": len(values), "tensors": len(new_params)}
+    return {"layers_rebuilt": len(changed), "tensors_carried": len(values), "tensors": len(new_params), "move": move}
 
 
 def rebuild_engine(trainer, values: dict, optim: dict, optimizer_step: int, scheduler_state: dict | None,

@@ -1,0 +1,189 @@
+"""Rebalance experts across expert-parallel ranks without changing the math.
+
+    decide   balanced_placements (pure, moe_dist/parallel/balance.py) from all-reduced counts
+    snapshot teardown: fp32 masters + Adam moments by logical key, engine destroyed
+    move     one all-to-all per EP group carries each moved expert's base weights, adapter
+             values, moments and LoRI mask to its new owner (moe_dist/parallel/migrate.py)
+    rebuild  a fresh DeepSpeed engine over the new parameter set, states restored exactly
+
+Nothing but ownership changes: an expert's tensors keep their logical keys, so the restored
+optimizer state, checkpoints and the loss curve are the same as without the move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from moe_dist.moe.experts import EXPERT_DIMS, ExpertParallelExperts
+from moe_dist.parallel.balance import balanced_placements, imbalance, layer_costs, moved_experts
+from moe_dist.parallel.migrate import TensorSpec, exchange
+from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.plan import AdapterPlan, expert_param_key
+from moe_dist.routing import experts_modules
+from moe_dist.train import checkpoint as ckpt
+
+
+@dataclass
+class MoveReport:
+    experts_moved: int = 0  # (layer, expert) pairs that changed owner
+    bytes_sent: int = 0  # by this rank
+    bytes_moved: int = 0  # by all ranks (filled by the caller's all-reduce)
+    imbalance_before: float = 1.0
+    imbalance_after: float = 1.0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"repartition: imbalance {self.imbalance_before:.3f} -> {self.imbalance_after:.3f}, "
+                f"{self.experts_moved} experts moved, {self.bytes_moved / 2**20:.2f} MiB, {self.seconds:.2f}s")
+
+
+def current_placements(model: torch.nn.Module) -> dict[int, ExpertPlacement]:
+    return {layer: mod.placement for layer, mod in experts_modules(model).items()}
+
+
+def plan_placements(model: torch.nn.Module, plan: AdapterPlan, tokens_LE: torch.Tensor, layers: list[int]
+                    ) -> tuple[dict[int, ExpertPlacement], float, float]:
+    """(new placements, expected imbalance now, after) for `plan` under the measured counts."""
+    mods = experts_modules(model)
+    any_mod = next(iter(mods.values()))
+    D, F = any_mod.hidden_size, any_mod.intermediate_size
+    current = current_placements(model)
+    new = balanced_placements(plan, tokens_LE, layers, any_mod.ep_size, D, F, current)
+    costs = layer_costs(plan, tokens_LE, layers, D, F)
+    return new, imbalance(costs, current), imbalance(costs, new)
+
+
+def _expert_manifest(mod: ExpertParallelExperts, plan: AdapterPlan, expert: int, with_moments: bool
+                     ) -> list[TensorSpec]:
+    """Everything an expert owns, in a fixed order both sides derive from the plan."""
+    D, F, layer = mod.hidden_size, mod.intermediate_size, mod.layer
+    dtype = mod.gate_up_proj.dtype
+    specs = [TensorSpec(f"layers.{layer}.experts.{expert}.base.gate_up_proj", (2 * F, D), dtype),
+             TensorSpec(f"layers.{layer}.experts.{expert}.base.down_proj", (D, F), dtype)]
+    ranks = plan.expert_ranks_of_layer(layer)
+    for proj in EXPERT_DIMS:
+        r = ranks.get((expert, proj), 0)
+        if not r:
+            continue
+        in_f, out_f = (F, D) if proj == "down_proj" else (D, F)
+        a, b = expert_param_key(layer, expert, proj, "lora_A"), expert_param_key(layer, expert, proj, "lora_B")
+        specs += [TensorSpec(a, (r, in_f), torch.float32), TensorSpec(b, (out_f, r), torch.float32)]
+        if with_moments:
+            trained = [(b, (out_f, r))] if plan.lori else [(a, (r, in_f)), (b, (out_f, r))]  # LoRI's A is frozen
+            for key, shape in trained:
+                specs += [TensorSpec(f"{key}/{n}", shape, torch.float32) for n in ckpt.OPTIM_KEYS]
+        if plan.lori:
+            specs.append(TensorSpec(f"{b}.mask", (out_f, r), torch.float32))
+    return specs
+
+
+def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int, ExpertPlacement], values: dict,
+                 optim: dict, with_moments: bool) -> tuple[dict, dict, MoveReport]:
+    """Collective over each EP group: switch the model to `placements`, moving the base
+    weights of experts that change owner in place and their adapter values / moments
+    (`values`, `optim`: this rank's, by logical key, fp32 on the CPU) along.
+
+    Returns this rank's values and moments for its new experts (plus every non-expert key);
+    the model's adapters are rebuilt fresh, the caller writes the values in (rebuild_engine).
+    Adapters with no entry in `values` keep their seeded initialisation on both sides."""
+    mods = experts_modules(model)
+    report = MoveReport()
+    if not mods:
+        return values, optim, report
+    any_mod = next(iter(mods.values()))
+    ep_size, ep_rank, device = any_mod.ep_size, any_mod.groups.ep_rank, any_mod.gate_up_proj.device
+    old = current_placements(model)
+    moving = {layer: experts for layer, experts in moved_experts(old, placements).items() if experts}
+    report.experts_moved = sum(len(v) for v in moving.values())
+    params = {}
+    masks = {}
+    for mod in mods.values():
+        params.update(mod.adapter_params())
+        masks.update(mod.adapters.lori_masks())
+    send_specs = [[] for _ in range(ep_size)]
+    outgoing = [[] for _ in range(ep_size)]
+    recv_specs = [[] for _ in range(ep_size)]
+    for layer, experts in sorted(moving.items()):
+        mod = mods[layer]
+        for e in experts:
+            src, dst = old[layer].owner[e], placements[layer].owner[e]
+            specs = _expert_manifest(mod, plan, e, with_moments)
+            if src == ep_rank:
+                send_specs[dst] += specs
+                outgoing[dst] += [_local_tensor(mod, spec.name, values, optim, params, masks) for spec in specs]
+            elif dst == ep_rank:
+                recv_specs[src] += specs
+    report.bytes_sent = sum(s.nbytes for specs in send_specs for s in specs)
+    received = exchange(outgoing, send_specs, recv_specs, any_mod.groups.ep_group, device)
+    del outgoing
+    arriving: dict[int, dict[int, list]] = {}
+    new_values = dict(values)
+    new_optim = dict(optim)
+    for specs, tensors in zip(recv_specs, received):
+        for spec, t in zip(specs, tensors):
+            _, layer, _, expert, *rest = spec.name.split(".")
+            if rest[0] == "base":
+                arriving.setdefault(int(layer), {}).setdefault(int(expert), [None, None])[
+                    0 if rest[1] == "gate_up_proj" else 1] = t
+            elif "/" in spec.name:
+                new_optim[spec.name] = t.cpu().clone()
+            elif spec.name.endswith(".mask"):
+                masks[spec.name[: -len(".mask")]] = t.cpu().clone()
+            else:
+                new_values[spec.name] = t.cpu().clone()
+    for layer, mod in mods.items():
+        if layer in moving:
+            mod.set_placement(placements[layer], plan.expert_ranks_of_layer(layer),
+                              {e: tuple(pair) for e, pair in arriving.get(layer, {}).items()})
+    del received, arriving
+    model.moe_dist_info = dataclasses.replace(model.moe_dist_info,
+                                              placements={**model.moe_dist_info.placements, **placements})
+    owned = {k for mod in mods.values() for k in mod.adapter_params()}
+    gone = {k for k in params if k not in owned}  # adapters that left this rank
+    new_values = {k: v for k, v in new_values.items() if k not in gone}
+    new_optim = {k: v for k, v in new_optim.items() if k.rsplit("/", 1)[0] not in gone}
+    with torch.no_grad():
+        for mod in mods.values():
+            for k, m in mod.adapters.lori_masks().items():
+                if k in masks:
+                    m.copy_(masks[k])
+    return new_values, new_optim, report
+
+
+def _local_tensor(mod: ExpertParallelExperts, name: str, values: dict, optim: dict, params: dict, masks: dict
+                  ) -> torch.Tensor:
+    parts = name.split(".")
+    if parts[4] == "base":
+        slot = mod.local_experts.index(int(parts[3]))
+        return (mod.gate_up_proj if parts[5] == "gate_up_proj" else mod.down_proj)[slot]
+    if name.endswith(".mask"):
+        return masks[name[: -len(".mask")]]
+    if "/" in name:
+        key = name.rsplit("/", 1)[0]
+        return optim[name] if name in optim else torch.zeros(params[key].shape, dtype=torch.float32)
+    return values[name] if name in values else params[name].detach().float()
+
+
+def repartition(trainer, placements: dict[int, ExpertPlacement]) -> MoveReport:
+    """Collective: move `trainer`'s model and engine onto `placements` (same plan)."""
+    from moe_dist.train.restructure import rebuild_engine, teardown
+
+    t0 = time.perf_counter()
+    values, optim, optimizer_step, scheduler_state, counters = teardown(trainer)
+    values, optim, report = move_experts(trainer.model, trainer.plan, placements, values, optim, optimizer_step > 0)
+    rebuild_engine(trainer, values, optim, optimizer_step, scheduler_state, counters)
+    report.seconds = time.perf_counter() - t0
+    report.bytes_moved = global_bytes(report.bytes_sent, trainer.device)
+    return report
+
+
+def global_bytes(n: int, device) -> int:
+    t = torch.tensor([n], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return int(t.item())
