@@ -118,6 +118,17 @@ class EpngSection:
 
 
 @dataclass
+class RepartitionSection:
+    """Where experts live across expert-parallel ranks (moe_dist/parallel/balance.py and
+    moe_dist/train/repartition.py). Nothing to do at ep_size 1."""
+
+    enabled: bool = True  # HELLoRA: build with hot experts spread; EPnG: rebalance with every prune/grow
+    every: int = 0  # also measure the imbalance every N steps ... (0 = off)
+    threshold: float = 1.10  # ... and move when max/mean per-rank expected cost exceeds this
+    force_step: int = 0  # move to the balanced placement at this step whatever the imbalance (0 = never)
+
+
+@dataclass
 class RunConfig:
     model: str = "embedded:tiny-olmoe"  # a local HF dir, a hub name, or the embedded default
     method: str = "lora"  # lora: adapters on every expert (+ attention)
@@ -137,6 +148,7 @@ class RunConfig:
     epng: EpngSection = field(default_factory=EpngSection)
     hellori: HelloriSection = field(default_factory=HelloriSection)
     dmep: DmepSection = field(default_factory=DmepSection)
+    repartition: RepartitionSection = field(default_factory=RepartitionSection)
 
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
         """Impossible combinations, named by key, before any process-group work."""
@@ -199,6 +211,11 @@ class RunConfig:
                 raise ConfigError(f"lora.rank ({self.lora.rank}) must be a multiple of epng.rank_unit ({g.rank_unit})")
             if g.max_rank < self.lora.rank:
                 raise ConfigError(f"epng.max_rank ({g.max_rank}) is below lora.rank ({self.lora.rank})")
+        r = self.repartition
+        if r.every < 0 or r.force_step < 0:
+            raise ConfigError("repartition.every and repartition.force_step must be >= 0")
+        if r.threshold < 1:
+            raise ConfigError(f"repartition.threshold is a max/mean ratio, >= 1; got {r.threshold}")
         if not Path(self.ds_config).is_file():
             raise ConfigError(f"ds_config: no such file {self.ds_config!r}")
 

@@ -131,3 +131,63 @@ def _move_keeps_logits_and_state(rank: int, world: int, ep: int) -> None:
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
 def test_forced_move_keeps_logits_base_weights_and_optimizer_state(world, ep):
     run_distributed(_move_keeps_logits_and_state, world, ep)
+
+
+# ---- a run with a forced repartition has the same loss curve ---------------------------------
+FORCED = {2: [[1, 2, 6, 0], [3, 4, 5, 7]],  # EP rank 1 is left with no adapter: anchor path
+          4: [[1, 2], [6, 0], [3, 4], [5, 7]]}  # EP ranks 2 and 3 likewise
+
+
+def _run(hf, plan, ep: int, stage: int, move_at: int | None, rank: int, check_gather: bool) -> list[float]:
+    import types
+
+    from moe_dist.config import RunConfig
+    from moe_dist.train.checkpoint import fragment_full_state, full_state
+    from moe_dist.train.engine import build_engine
+    from moe_dist.train.repartition import repartition
+
+    cfg = RunConfig()
+    cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.lr = 2, 2, 1e-2
+    cfg.train.warmup_steps, cfg.train.steps = 2, 6
+    cfg.ds_config = str(ROOT / f"ds_configs/zero{stage}.json")
+    model = convert_model(copy.deepcopy(hf), plan, ep_size=ep)
+    trainer = types.SimpleNamespace(model=model, cfg=cfg, bf16=False, plan=plan, device=torch.device("cpu"))
+    trainer.engine, trainer.scheduler = build_engine(model, cfg, bf16=False)
+    losses = []
+    for step in range(cfg.train.steps):
+        if step == move_at:
+            if check_gather:  # the one-all-gather snapshot equals DeepSpeed's per-parameter API
+                fast, fast_optim = full_state(adapter_params(model), trainer.engine)
+                slow, slow_optim = fragment_full_state(adapter_params(model), trainer.engine)
+                assert fast.keys() == slow.keys() and fast_optim.keys() == slow_optim.keys() and fast_optim
+                assert all(torch.equal(fast[k], slow[k]) for k in fast)
+                assert all(torch.equal(fast_optim[k], slow_optim[k]) for k in fast_optim)
+            layers = moe_layer_indices(hf.config)
+            report = repartition(trainer, {l: ExpertPlacement.from_lists(FORCED[ep]) for l in layers})
+            assert report.experts_moved == len(layers) * (2 if ep == 2 else 5)
+            assert report.bytes_moved > 0
+        for micro in range(cfg.train.grad_accum):
+            ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(100 * step + 10 * micro + rank))
+            loss = trainer.engine(input_ids=ids, labels=ids, use_cache=False).loss
+            trainer.engine.backward(loss)
+            trainer.engine.step()
+            losses.append(loss.item())
+    assert trainer.engine.global_steps == cfg.train.steps
+    trainer.engine.destroy()
+    return losses
+
+
+def _same_loss_curve(rank: int, world: int, ep: int) -> None:
+    hf = build_hf("olmoe")
+    plan = hot_plan(moe_layer_indices(hf.config))
+    for stage in (1, 2):
+        reference = _run(hf, plan, ep, stage, None, rank, False)
+        moved = _run(hf, plan, ep, stage, 3, rank, True)
+        assert reference[5] != reference[6]  # it trains
+        torch.testing.assert_close(moved, reference, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"ZeRO-{stage} world {world} EP {ep}: {m}")
+
+
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2), (4, 4)])
+def test_forced_repartition_keeps_the_loss_curve(world, ep):
+    run_distributed(_same_loss_curve, world, ep)

@@ -142,13 +142,13 @@ def balanced_placement(cost_E: torch.Tensor, ep_size: int, current: ExpertPlacem
 
 
 def balanced_placements(plan: AdapterPlan, tokens_LE: torch.Tensor, layers: list[int], ep_size: int, hidden: int,
-                        intermediate: int, current: Mapping[int, ExpertPlacement] | None = None
-                        ) -> dict[int, ExpertPlacement]:
+                        intermediate: int, current: Mapping[int, ExpertPlacement] | None = None,
+                        min_gain: float = 0.01) -> dict[int, ExpertPlacement]:
     """Every MoE layer's placement for `plan` under measured routing (rows of tokens_LE follow
     `layers`). Pure: every rank computes the same maps from the same all-reduced counts."""
     current = current or {}
     costs = layer_costs(plan, tokens_LE, layers, hidden, intermediate)
-    return {layer: balanced_placement(cost_E, ep_size, current.get(layer)) for layer, cost_E in costs.items()}
+    return {layer: balanced_placement(cost_E, ep_size, current.get(layer), min_gain) for layer, cost_E in costs.items()}
 
 
 def layer_costs(plan: AdapterPlan, tokens_LE: torch.Tensor, layers: list[int], hidden: int, intermediate: int

@@ -103,10 +103,21 @@ def _ordered(params: dict[str, torch.nn.Parameter]) -> list[tuple[str, torch.nn.
     return sorted(params.items(), key=lambda kv: (getattr(kv[1], "allreduce", True) is False, kv[0]))
 
 
-def full_state(params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict]:
-    """(values, optimizer state) of every param, full and fp32, by logical key."""
+def full_state(params: dict[str, torch.nn.Parameter], engine) -> tuple[dict, dict]:
+    """Collective: (values, optimizer state) of every param, full and fp32, by logical key.
+
+    With a ZeRO-1/2 engine: one all-gather per optimizer param group (`_zero_full_state`);
+    otherwise DeepSpeed's per-parameter fragment API (`fragment_full_state`)."""
+    fast = _zero_full_state(engine, params)
+    return fast if fast is not None else fragment_full_state(params, engine)
+
+
+def fragment_full_state(params: dict[str, torch.nn.Parameter], engine) -> tuple[dict, dict]:
+    """Through DeepSpeed's public tensor-fragment API: one collective per parameter and
+    state (~0.3 s for the embedded default's 450 adapter tensors on 2 CPU ranks)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    link_optimizer_state(engine)
     values, optim = {}, {}
     for key, p in _ordered(params):
         full = safe_get_full_fp32_param(p) if p.requires_grad else None
@@ -116,6 +127,50 @@ def full_state(params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict]:
                 state = safe_get_full_optimizer_state(p, name)
                 if state is not None:
                     optim[f"{key}/{name}"] = state.cpu().contiguous()
+    return values, optim
+
+
+def _zero_full_state(engine, params: dict[str, torch.nn.Parameter]) -> tuple[dict, dict] | None:
+    """The same as the fragment API, from ZeRO-1/2's flat groups: each param group's fp32
+    partition and moments are all-gathered over its data-parallel group at once, and each
+    parameter is its slice at the offset its (flat-buffer view) weight has. Reads DeepSpeed
+    internals (stage_1_and_2: bit16_groups, bit16_groups_flat, single_partition_of_fp32_groups,
+    real_dp_process_group); tests/test_checkpoint.py checks it against the public API.
+    None when the optimizer is not a ZeRO-1/2 one."""
+    zero = getattr(engine, "optimizer", None)
+    if not all(hasattr(zero, a) for a in ("bit16_groups", "bit16_groups_flat", "single_partition_of_fp32_groups",
+                                          "real_dp_process_group")):
+        return None
+    key_of = {id(p): k for k, p in params.items()}
+    values, optim = {}, {}
+    for i, group in enumerate(zero.bit16_groups):
+        flat = zero.bit16_groups_flat[i]
+        part = zero.single_partition_of_fp32_groups[i]
+        state = zero.optimizer.state.get(part, {})
+        names = [n for n in OPTIM_KEYS if n in state]
+        local_SP = torch.stack([part.detach(), *(state[n] for n in names)]).to(flat.device, torch.float32)
+        dp_group = zero.real_dp_process_group[i]
+        dp = dist.get_world_size(group=dp_group) if dist.is_initialized() else 1
+        gathered_DSP = torch.empty(dp * local_SP.shape[0], local_SP.shape[1], dtype=local_SP.dtype,
+                                   device=local_SP.device)  # ranks stacked along dim 0 (gloo and NCCL)
+        if dp > 1:
+            dist.all_gather_into_tensor(gathered_DSP, local_SP, group=dp_group)
+        else:
+            gathered_DSP.copy_(local_SP)
+        full_SN = gathered_DSP.view(dp, *local_SP.shape).transpose(0, 1).reshape(len(local_SP), -1)
+        for p in group:
+            key = key_of.get(id(p))
+            if key is None:
+                continue
+            offset = (p.data_ptr() - flat.data_ptr()) // p.element_size()
+            if not 0 <= offset <= flat.numel() - p.numel():
+                return None  # not a view of its flat group (a layout this code does not know)
+            rows = full_SN[:, offset:offset + p.numel()].reshape(len(local_SP), *p.shape).cpu()
+            values[key] = rows[0].clone()
+            optim.update({f"{key}/{n}": rows[1 + j].clone() for j, n in enumerate(names)})
+    for key, p in params.items():  # not in the optimizer: LoRI's frozen A
+        if key not in values:
+            values[key] = p.detach().float().cpu().contiguous()
     return values, optim
 
 
@@ -155,8 +210,7 @@ def save_checkpoint(output_dir: str | Path, step: int, engine, params: dict[str,
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that crashed
         tmp.mkdir(parents=True)
     _barrier()
-    link_optimizer_state(engine)
-    values, optim = full_state(params)
+    values, optim = full_state(params, engine)
     mine = {k for k, p in params.items() if writes_canonical_copy(p)}
     if mine:
         tensors = {k: v for k, v in values.items() if k in mine}

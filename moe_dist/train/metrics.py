@@ -75,6 +75,18 @@ class MetricsLogger:
             self.jsonl.write(json.dumps({"step": step, "event": text}) + "\n")
             self.jsonl.flush()
 
+    def record(self, step: int, kind: str, scalars: dict, extra: dict | None = None) -> None:
+        """A structured event (e.g. a repartition): scalars to TensorBoard under `kind/`, the
+        whole record (with `extra`, e.g. the new expert map) as one jsonl line and TB text."""
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self.writer.add_scalar(f"{kind}/{k}", v, step)
+        record = {"step": step, "event": kind, **scalars, **(extra or {})}
+        self.writer.add_text(kind, json.dumps(record), step)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
     def print(self, text: str) -> None:
         if self.enabled:
             self.bar.write(text)

@@ -46,14 +46,14 @@ def current_placements(model: torch.nn.Module) -> dict[int, ExpertPlacement]:
     return {layer: mod.placement for layer, mod in experts_modules(model).items()}
 
 
-def plan_placements(model: torch.nn.Module, plan: AdapterPlan, tokens_LE: torch.Tensor, layers: list[int]
-                    ) -> tuple[dict[int, ExpertPlacement], float, float]:
+def plan_placements(model: torch.nn.Module, plan: AdapterPlan, tokens_LE: torch.Tensor, layers: list[int],
+                    min_gain: float = 0.01) -> tuple[dict[int, ExpertPlacement], float, float]:
     """(new placements, expected imbalance now, after) for `plan` under the measured counts."""
     mods = experts_modules(model)
     any_mod = next(iter(mods.values()))
     D, F = any_mod.hidden_size, any_mod.intermediate_size
     current = current_placements(model)
-    new = balanced_placements(plan, tokens_LE, layers, any_mod.ep_size, D, F, current)
+    new = balanced_placements(plan, tokens_LE, layers, any_mod.ep_size, D, F, current, min_gain)
     costs = layer_costs(plan, tokens_LE, layers, D, F)
     return new, imbalance(costs, current), imbalance(costs, new)
 
@@ -119,6 +119,7 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
             elif dst == ep_rank:
                 recv_specs[src] += specs
     report.bytes_sent = sum(s.nbytes for specs in send_specs for s in specs)
+    report.bytes_moved = global_bytes(report.bytes_sent, device)
     received = exchange(outgoing, send_specs, recv_specs, any_mod.groups.ep_group, device)
     del outgoing
     arriving: dict[int, dict[int, list]] = {}
@@ -178,11 +179,11 @@ def repartition(trainer, placements: dict[int, ExpertPlacement]) -> MoveReport:
     values, optim, report = move_experts(trainer.model, trainer.plan, placements, values, optim, optimizer_step > 0)
     rebuild_engine(trainer, values, optim, optimizer_step, scheduler_state, counters)
     report.seconds = time.perf_counter() - t0
-    report.bytes_moved = global_bytes(report.bytes_sent, trainer.device)
     return report
 
 
 def global_bytes(n: int, device) -> int:
+    """Collective: the sum over all ranks (EDP replicas included: each moves its own copy)."""
     t = torch.tensor([n], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)

@@ -156,8 +156,7 @@ def rebuild_engine(trainer, values: dict, optim: dict, optimizer_step: int, sche
 def teardown(trainer) -> tuple[dict, dict, int, dict, dict]:
     """Collective: snapshot everything by key, then destroy the engine (hooks included)."""
     engine = trainer.engine
-    ckpt.link_optimizer_state(engine)
-    values, optim = ckpt.full_state(adapter_params(trainer.model))
+    values, optim = ckpt.full_state(adapter_params(trainer.model), engine)
     optimizer_step = ckpt.adam_step(engine)
     scheduler_state = trainer.scheduler.state_dict()
     counters = {k: getattr(engine, k) for k in ("global_steps", "global_samples", "micro_steps")}
