@@ -193,3 +193,35 @@ def test_dmep_on_a_dense_checkpoint(tmp_path, cache_dir):
     assert len(events) == 2 and "load balancing off" in events[-1], events
     trainable = [r["trainable_params"] for r in rows if "trainable_params" in r]
     assert trainable[-1] < trainable[0], trainable
+
+
+def test_epng_with_repartition_resumes_on_same_and_other_ep_size(tmp_path, cache_dir):
+    """A checkpoint taken after prune/grow + moves resumes exactly on the same EP size (with
+    the saved placement) and on EP 1 (contiguous, up to reduction order)."""
+    epng = ("method=epng", "epng.warmup_steps=3", "epng.interval=100", "repartition.force_step=4",
+            "eval.before=false")
+    a = tmp_path / "a"
+    _ok(_launch(_args(a, cache_dir, *epng), port=29537))
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    moves = [r for r in rows if r.get("event") == "repartition"]
+    assert [m["step"] for m in moves] == [3, 4] and moves[0]["reason"].startswith("epng")
+    assert sum(m["experts_moved"] for m in moves) > 0 and all(m["bytes_moved"] >= 0 for m in moves)
+    assert all(m["imbalance_after"] <= m["imbalance_before"] + 1e-9 for m in moves)
+    saved = json.loads((a / "checkpoints" / "step-6" / "trainer_state.json").read_text())["placements"]
+    assert saved == moves[-1]["placements"]
+    assert any(owner != sorted(owner) for owner in saved.values())  # not the contiguous map
+    losses_a = _losses(a)
+
+    b = tmp_path / "b"
+    _ok(_launch(_args(b, cache_dir, *epng, f"checkpoint.resume={a / 'checkpoints' / 'step-6'}"), port=29538))
+    losses_b = _losses(b)
+    for step in (7, 8):
+        assert losses_b[step] == pytest.approx(losses_a[step], rel=1e-5, abs=1e-6), (step, losses_a, losses_b)
+    assert json.loads((b / "checkpoints" / "step-8" / "trainer_state.json").read_text())["placements"] == saved
+
+    c = tmp_path / "c"
+    _ok(_launch(_args(c, cache_dir, *epng, f"checkpoint.resume={a / 'checkpoints' / 'step-6'}", "ep_size=1"),
+                port=29539))
+    losses_c = _losses(c)
+    for step in (7, 8):
+        assert losses_c[step] == pytest.approx(losses_a[step], rel=1e-3), (step, losses_a, losses_c)
