@@ -24,6 +24,7 @@ from torch import nn
 from moe_dist.adapters.expert_bank import ExpertLoRABank, RankBucket
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher
+from moe_dist.moe.expert_loop import ExpertLoopLinear, SlotAdapter
 from moe_dist.parallel.groups import ExpertGroups, mark_expert_param
 from moe_dist.parallel.placement import ExpertPlacement
 
@@ -217,7 +218,46 @@ class ExpertParallelExperts(MoE):
         return out
 
     # ---- compute ----------------------------------------------------------------------
+    kernel = "auto"  # "auto": the per-expert loop on CPU, grouped matmuls elsewhere; or "loop" / "grouped"
+
     def compute(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        use_loop = self.kernel == "loop" or (self.kernel == "auto" and x_MD.device.type == "cpu")
+        if use_loop:
+            return self.compute_loop(x_MD, tokens_per_expert)
+        return self.compute_grouped(x_MD, tokens_per_expert)
+
+    def _loop_adapters(self, projs: tuple[tuple[str, int, int], ...], dtype: torch.dtype
+                       ) -> tuple[list[list[SlotAdapter]], list[torch.Tensor]]:
+        bank = self.adapters
+        slots, tensors = [], []
+        for expert in self.local_experts:
+            mine = []
+            for proj, lo, hi in projs:
+                name = f"{expert}_{proj}"
+                if name not in bank.lora_A:
+                    continue
+                A, B = bank.lora_A[name], bank.lora_B[name]
+                if bank.lori:
+                    B = B * getattr(bank, f"mask_{name}")
+                tensors += [A.to(dtype), B.to(dtype)]
+                mine.append(SlotAdapter(len(tensors) - 2, len(tensors) - 1, lo, hi, bank.config.scale(A.shape[0])))
+            slots.append(mine)
+        return slots, tensors
+
+    def compute_loop(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Per local expert, base GEMM with its LoRA added in place (moe_dist/moe/expert_loop.py)."""
+        F, D = self.intermediate_size, self.hidden_size
+        x_MD = x_MD.to(self.gate_up_proj.dtype).contiguous()
+        slots, tensors = self._loop_adapters((("gate_proj", 0, F), ("up_proj", F, 2 * F)), x_MD.dtype)
+        gate_up_M2F = ExpertLoopLinear.apply(x_MD, self.gate_up_proj, counts, slots, *tensors)
+        h_MF = self.act_fn(gate_up_M2F[:, :F]) * gate_up_M2F[:, F:]
+        slots, tensors = self._loop_adapters((("down_proj", 0, D),), h_MF.dtype)
+        y_MD = ExpertLoopLinear.apply(h_MF, self.down_proj, counts, slots, *tensors)
+        if self.anchor is not None:
+            y_MD = y_MD + (self.anchor * 0).to(y_MD.dtype)
+        return y_MD
+
+    def compute_grouped(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Local experts on rows sorted by local slot: grouped base matmuls + adapter buckets."""
         F = self.intermediate_size
         counts = tokens_per_expert

@@ -1,0 +1,86 @@
+"""Expert projections with their LoRA fused in, one expert at a time: the CPU kernel.
+
+Shape legend: M rows (sorted by local expert), I in-features, O out-features, R adapter
+rank, n rows of one expert.
+
+On CPU, torch._grouped_mm is a loop over groups anyway, and the grouped formulation makes
+every pass (base GEMM, x A, t B, the add into the base output) stream all M rows through
+memory, with stacked/padded adapter copies and zero-filled buffers in backward. Here each
+expert's rows are handled while they are in cache: y_e = x_e W_e^T, then t = x_e A^T and
+y_e[:, cols] += s t B^T *in place* (addmm_), so no delta tensor exists; backward mirrors it
+(grad_x_e = g_e W_e + s (g_e B) A in place, grad_A and grad_B per expert). Each adapter
+tensor is its own input, so its gradient lands on its Parameter with no stack or unbind.
+GPUs keep the grouped path (moe_dist/moe/experts.py), where grouped_mm is one kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SlotAdapter:
+    """One adapter of one local expert: indices into the adapter tensor list, the output
+    columns it adds to, its scale."""
+
+    a: int
+    b: int
+    lo: int
+    hi: int
+    scale: float
+
+
+class ExpertLoopLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],
+                slot_adapters: list[list[SlotAdapter]], *adapters: torch.Tensor) -> torch.Tensor:
+        M, O = x_MI.shape[0], w_EOI.shape[1]
+        y_MO = x_MI.new_empty(M, O)
+        t_per_slot: list[list[torch.Tensor]] = []
+        start = 0
+        for slot, n in enumerate(counts):
+            x_nI, y_nO = x_MI[start:start + n], y_MO[start:start + n]
+            start += n
+            torch.mm(x_nI, w_EOI[slot].t(), out=y_nO)
+            ts = []
+            for ad in slot_adapters[slot]:
+                t_nR = x_nI @ adapters[ad.a].t()
+                y_nO[:, ad.lo:ad.hi].addmm_(t_nR, adapters[ad.b].t(), alpha=ad.scale)
+                ts.append(t_nR)
+            t_per_slot.append(ts)
+        ctx.save_for_backward(x_MI, w_EOI, *adapters)
+        ctx.t_per_slot, ctx.counts, ctx.slot_adapters = t_per_slot, counts, slot_adapters
+        return y_MO
+
+    @staticmethod
+    def backward(ctx, g_MO: torch.Tensor):
+        x_MI, w_EOI, *adapters = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        need = ctx.needs_input_grad[4:]
+        g_MO = g_MO.contiguous()
+        grad_x = x_MI.new_empty(x_MI.shape) if need_x else None
+        grads: list[torch.Tensor | None] = [None] * len(adapters)
+        start = 0
+        for slot, n in enumerate(ctx.counts):
+            x_nI, g_nO = x_MI[start:start + n], g_MO[start:start + n]
+            gx_nI = grad_x[start:start + n] if need_x else None
+            start += n
+            if need_x:
+                torch.mm(g_nO, w_EOI[slot], out=gx_nI)
+            for ad, t_nR in zip(ctx.slot_adapters[slot], ctx.t_per_slot[slot]):
+                A_RI, B_OR = adapters[ad.a], adapters[ad.b]
+                g_nP = g_nO[:, ad.lo:ad.hi]
+                u_nR = (g_nP @ B_OR).mul_(ad.scale)  # gradient w.r.t. t
+                if need_x:
+                    gx_nI.addmm_(u_nR, A_RI)
+                if need[ad.a]:
+                    grads[ad.a] = u_nR.t() @ x_nI
+                if need[ad.b]:
+                    grads[ad.b] = (g_nP.t() @ t_nR).mul_(ad.scale)
+        for i, p in enumerate(adapters):  # an expert that got no rows still needs a gradient
+            if need[i] and grads[i] is None:
+                grads[i] = torch.zeros_like(p)
+        ctx.t_per_slot = None
+        return (grad_x, None, None, None, *grads)
