@@ -90,7 +90,8 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
 
     Returns this rank's values and moments for its new experts (plus every non-expert key);
     the model's adapters are rebuilt fresh, the caller writes the values in (rebuild_engine).
-    Adapters with no entry in `values` keep their seeded initialisation on both sides."""
+    A moved adapter with no entry in `values` travels as the model holds it; missing moments
+    travel as zeros (what a fresh Adam state is)."""
     mods = experts_modules(model)
     report = MoveReport()
     if not mods:
