@@ -3,6 +3,10 @@
 Shape (issue 2): OLMoE config, vocab 2048, hidden 256, 4 layers, 4 heads, 64 experts, top-8,
 expert intermediate 128, batch 4 x 256, LoRA r=8 on q,k,v,o and every expert projection, full
 step (forward, backward, AdamW). Single process, EP 1, CPU fp32 (or the GPU when present).
+"Every expert projection" as the baseline defines it: PEFT's target_parameters puts one
+adapter on each expert's fused gate_up weight and one on down, so moe_dist's headline
+variants use lora.expert_targets=gate_up_proj,down_proj (same trainable parameters); the
+variant with separate gate and up adapters (moe_dist's default) is reported beside them.
 Variants are interleaved round-robin so machine noise hits them alike; the figure is each
 variant's median tok/s over the baseline's median in the same run.
 
@@ -29,7 +33,11 @@ from moe_dist.models.convert import convert_model, trainable_params  # noqa: E40
 from moe_dist.plan import AdapterPlan  # noqa: E402
 
 
-def build_moe_dist(experts_per_layer: int | None, seed: int = 0):
+PEFT_TARGETS = ("gate_up_proj", "down_proj")  # what the baseline's target_parameters adapts, per expert
+SPLIT_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def build_moe_dist(experts_per_layer: int | None, targets: tuple[str, ...] = PEFT_TARGETS, seed: int = 0):
     from transformers import OlmoeForCausalLM
 
     torch.manual_seed(seed)
@@ -41,7 +49,7 @@ def build_moe_dist(experts_per_layer: int | None, seed: int = 0):
         chosen = None
     else:  # a fixed spread of hot experts, like HELLoRA would pick
         chosen = {l: list(range(0, E, E // experts_per_layer))[:experts_per_layer] for l in range(L)}
-    plan = AdapterPlan.uniform(range(L), E, 8, attention_layers=range(L), experts=chosen)
+    plan = AdapterPlan.uniform(range(L), E, 8, expert_projections=targets, attention_layers=range(L), experts=chosen)
     convert_model(model, plan)
     model.train()
     opt = torch.optim.AdamW(list(trainable_params(model).values()), lr=1e-4, fused=True)
@@ -61,6 +69,7 @@ def main() -> None:
         "baseline_peft_grouped_mm": build_baseline(seed=0),
         "moe_dist_all_experts": build_moe_dist(None),
         "moe_dist_hot10": build_moe_dist(10),
+        "moe_dist_all_experts_split_gate_up": build_moe_dist(None, SPLIT_TARGETS),
         "moe_dist_attention_only": build_moe_dist(0),
     }
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in variants.items()}
@@ -83,6 +92,7 @@ def main() -> None:
         "trainable_params": trainable,
         "speedup_all_experts": tps["moe_dist_all_experts"] / base,
         "speedup_hot10": tps["moe_dist_hot10"] / base,
+        "speedup_all_experts_split_gate_up": tps["moe_dist_all_experts_split_gate_up"] / base,
         "speedup_attention_only": tps["moe_dist_attention_only"] / base,
     }
     print(f"{'variant':<28}{'tok/s':>10}{'x baseline':>12}{'trainable':>12}")

@@ -30,6 +30,7 @@ def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moe_dist.models.arch import expert_sizes, moe_layer_indices
+    from moe_dist.plan import expert_proj_layout
     from moe_dist.train.trainer import build_plan, is_moe
 
     hf_config = AutoConfig.for_model(model_type, **hf_overrides) if model_type else AutoConfig.from_pretrained(cfg.model)
@@ -50,8 +51,7 @@ def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, 
     expert_adapters, top_k, F = 0, 1, 0
     if is_moe(hf_config):
         _, _, F, top_k = expert_sizes(hf_config)
-        dims = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
-        expert_adapters = sum(r * sum(dims[p]) for (_, _, p), r in plan.expert_ranks.items())
+        expert_adapters = sum(r * sum(expert_proj_layout(p, D, F)[:2]) for (_, _, p), r in plan.expert_ranks.items())
     wbytes = 2 if bf16 else 4
     dp_dense, dp_expert = world, world // ep
     shard = lambda n, dp, stage_min: n / dp if zero_stage >= stage_min else n  # noqa: E731

@@ -13,6 +13,8 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from moe_dist.plan import EXPERT_PROJECTIONS
+
 
 class ConfigError(ValueError):
     pass
@@ -24,6 +26,12 @@ class LoRASection:
     alpha: float = 16.0
     rslora: bool = False
     attention: bool = True  # LoRA on q,k,v,o too
+    # Expert projections that get adapters: gate_proj,up_proj,down_proj (one adapter each) or
+    # gate_up_proj,down_proj (one adapter on the fused gate|up weight, as PEFT's target_parameters).
+    expert_targets: str = "gate_proj,up_proj,down_proj"
+
+    def expert_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.expert_targets.split(",") if t.strip())
 
 
 @dataclass
@@ -211,6 +219,11 @@ class RunConfig:
                 raise ConfigError(f"lora.rank ({self.lora.rank}) must be a multiple of epng.rank_unit ({g.rank_unit})")
             if g.max_rank < self.lora.rank:
                 raise ConfigError(f"epng.max_rank ({g.max_rank}) is below lora.rank ({self.lora.rank})")
+        targets = self.lora.expert_target_list()
+        unknown = [t for t in targets if t not in EXPERT_PROJECTIONS]
+        if unknown or not targets or ("gate_up_proj" in targets and {"gate_proj", "up_proj"} & set(targets)):
+            raise ConfigError(f"lora.expert_targets: {self.lora.expert_targets!r} must be comma-separated names from "
+                              f"{EXPERT_PROJECTIONS}, with gate_up_proj or gate_proj/up_proj, not both")
         r = self.repartition
         if r.every < 0 or r.force_step < 0:
             raise ConfigError("repartition.every and repartition.force_step must be >= 0")

@@ -13,7 +13,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-EXPERT_PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PROJECTIONS: tuple[str, ...] = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+# `gate_up_proj` is one adapter on the fused gate|up weight (what transformers v5 stores and
+# PEFT's `target_parameters` trains): one A shared by both halves, half the LoRA matmuls of
+# separate gate and up adapters. An expert has either it or gate/up adapters, not both.
+DEFAULT_EXPERT_TARGETS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+
+
+def expert_proj_layout(proj: str, hidden: int, intermediate: int) -> tuple[int, int, int, int]:
+    """(in_features, out_features, first, last output column in the gate_up / down output)
+    of an expert projection; the one place its shapes are defined."""
+    D, F = hidden, intermediate
+    return {"gate_proj": (D, F, 0, F), "up_proj": (D, F, F, 2 * F), "gate_up_proj": (D, 2 * F, 0, 2 * F),
+            "down_proj": (F, D, 0, D)}[proj]
 ATTENTION_PROJECTIONS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 ExpertKey = tuple[int, int, str]  # (layer, expert, projection)
@@ -56,6 +68,11 @@ class AdapterPlan:
                     raise ValueError(f"AdapterPlan: projection {key[-1]!r} in {key} is not one of {EXPERT_PROJECTIONS}")
                 if not isinstance(rank, int) or rank < 0:
                     raise ValueError(f"AdapterPlan: rank of {key} must be an int >= 0, got {rank!r}")
+        fused = {(l, e) for (l, e, p), r in self.expert_ranks.items() if p == "gate_up_proj" and r}
+        split = {(l, e) for (l, e, p), r in self.expert_ranks.items() if p in ("gate_proj", "up_proj") and r}
+        if fused & split:
+            raise ValueError(f"AdapterPlan: (layer, expert) {sorted(fused & split)[0]} has both a gate_up_proj "
+                             "adapter and gate_proj/up_proj ones")
         # Canonical form: drop zeros so equal plans compare and hash equal.
         object.__setattr__(self, "expert_ranks", {k: r for k, r in sorted(self.expert_ranks.items()) if r})
         object.__setattr__(self, "attention_ranks", {k: r for k, r in sorted(self.attention_ranks.items()) if r})
@@ -72,7 +89,7 @@ class AdapterPlan:
         moe_layers: Iterable[int],
         num_experts: int,
         rank: int,
-        expert_projections: Iterable[str] = EXPERT_PROJECTIONS,
+        expert_projections: Iterable[str] = DEFAULT_EXPERT_TARGETS,
         attention_layers: Iterable[int] = (),
         attention_rank: int | None = None,
         attention_projections: Iterable[str] = ATTENTION_PROJECTIONS,

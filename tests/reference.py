@@ -49,7 +49,7 @@ class RefLoRAExperts(nn.Module):
         self.hf, self.adapters, self.scales, self.layer = hf_experts, adapters, scales, layer
 
     def _proj(self, x, W, e, proj):
-        out = x @ W.t()
+        out = x @ W.t() if W is not None else 0.0
         k = expert_param_key(self.layer, e, proj, "lora_A")
         if k in self.adapters:
             A, B = self.adapters[k], self.adapters[k[: -len("lora_A")] + "lora_B"]
@@ -64,8 +64,9 @@ class RefLoRAExperts(nn.Module):
             if tok.numel() == 0:
                 continue
             x = hidden[tok]
-            g = self._proj(x, self.hf.gate_up_proj[e][:F], e, "gate_proj")
-            u = self._proj(x, self.hf.gate_up_proj[e][F:], e, "up_proj")
+            gate_up = self._proj(x, self.hf.gate_up_proj[e], e, "gate_up_proj")  # a fused adapter, if any
+            g = gate_up[:, :F] + self._proj(x, None, e, "gate_proj")
+            u = gate_up[:, F:] + self._proj(x, None, e, "up_proj")
             y = self._proj(self.hf.act_fn(g) * u, self.hf.down_proj[e], e, "down_proj")
             out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
         return out
@@ -83,7 +84,7 @@ def build_reference(hf: nn.Module, plan: AdapterPlan, lora: LoRAConfig) -> tuple
     spec = arch_spec(ref.config)
     for layer, block in moe_blocks(ref, spec).items():
         F, D = block.experts.intermediate_dim, block.experts.hidden_dim
-        dims = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+        dims = {"gate_proj": (D, F), "up_proj": (D, F), "gate_up_proj": (D, 2 * F), "down_proj": (F, D)}
         for (e, proj), r in plan.expert_ranks_of_layer(layer).items():
             ka, kb = expert_param_key(layer, e, proj, "lora_A"), expert_param_key(layer, e, proj, "lora_B")
             tensors[ka] = init_lora_A(r, dims[proj][0], ka, lora.seed).requires_grad_(not plan.lori)

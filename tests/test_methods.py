@@ -165,6 +165,8 @@ def _restructure_under_zero(rank: int, world: int) -> None:
     cfg.ds_config = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "ds_configs/zero2.json")
     model = convert_model(copy.deepcopy(hf), _uniform(layers, E, 4), ep_size=2)
     trainer = types.SimpleNamespace(model=model, cfg=cfg, bf16=False, plan=_uniform(layers, E, 4))
+    gc.collect()
+    gc.freeze()  # as the Trainer does: setup-era objects are out of the cycle collector's reach
     trainer.engine, trainer.scheduler = build_engine(model, cfg, bf16=False)
 
     def step():
@@ -183,11 +185,14 @@ def _restructure_under_zero(rank: int, world: int) -> None:
     link_optimizer_state(trainer.engine)
     owned = {k: p for k, p in adapter_params(model).items()}
     before = {k: safe_get_full_optimizer_state(owned[k], "exp_avg") for k in kept if k in owned}
+    del owned
     assert before, "each rank owns one of the kept adapters"
     old_engine = weakref.ref(trainer.engine)
+    pruned = [weakref.ref(p) for k, p in adapter_params(model).items() if k.startswith(f"layers.{layers[0]}.experts.0.")]
     restructure(trainer, new_plan)
     gc.collect()
     assert old_engine() is None, "the old engine stays alive (hook leak)"
+    assert all(ref() is None for ref in pruned), "a pruned adapter (and the flat buffer it views) stays alive"
     params = adapter_params(model)
     assert f"layers.{layers[0]}.experts.0.up_proj.lora_A" not in params  # pruned: gone from the model...
     in_optimizer = {id(p) for g in trainer.engine.optimizer.bit16_groups for p in g}

@@ -34,7 +34,8 @@ SETUPS = [
 
 def mixed_plan(config) -> AdapterPlan:
     """Ranks 4, 8, 6 (padded for grouped mm) and 0 across experts, one projection-level
-    difference (so a bucket is not a contiguous slot range), LoRA on attention."""
+    difference (so a bucket is not a contiguous slot range), one fused gate_up adapter, LoRA
+    on attention."""
     spec = arch_spec(config)
     ranks = {}
     for layer in moe_layer_indices(config):
@@ -43,6 +44,9 @@ def mixed_plan(config) -> AdapterPlan:
             for p in ("gate_proj", "up_proj", "down_proj"):
                 ranks[(layer, e, p)] = r
         ranks[(layer, 3, "down_proj")] = 0
+        for p in ("gate_proj", "up_proj"):  # expert 5: one adapter on the fused gate|up weight instead
+            ranks[(layer, 5, p)] = 0
+        ranks[(layer, 5, "gate_up_proj")] = 8
     att = spec.attention_projections if spec.model_type != "deepseek_v3" else ("q_a_proj", "kv_b_proj", "o_proj")
     return AdapterPlan(
         expert_ranks=ranks,

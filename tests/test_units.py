@@ -146,3 +146,26 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(lori):
     for k, g in results["grouped"][1].items():
         torch.testing.assert_close(results["loop"][1][k], g, rtol=1e-4, atol=1e-6, msg=k)
     assert any(g.abs().sum() > 0 for k, g in results["loop"][1].items() if ".experts." in k)
+    # the loop keeps what backward needs in saved tensors: a retained graph backs up twice
+    model.zero_grad(set_to_none=True)
+    loss = (model(input_ids=ids, use_cache=False).logits.float() ** 2).mean()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for k, p in adapter_params(model).items():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2 * results["loop"][1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_fused_gate_up_target_is_validated():
+    from moe_dist.config import ConfigError, RunConfig
+
+    cfg = RunConfig()
+    cfg.ds_config = "ds_configs/zero2.json"
+    for bad in ("gate_up_proj,gate_proj,down_proj", "gate_proj,w9", ""):
+        cfg.lora.expert_targets = bad
+        with pytest.raises(ConfigError, match="lora.expert_targets"):
+            cfg.validate(2, 8)
+    cfg.lora.expert_targets = "gate_up_proj, down_proj"
+    assert cfg.lora.expert_target_list() == ("gate_up_proj", "down_proj")
+    with pytest.raises(ValueError, match="both a gate_up_proj"):
+        AdapterPlan({(0, 1, "gate_up_proj"): 8, (0, 1, "up_proj"): 8})

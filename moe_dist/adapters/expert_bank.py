@@ -95,7 +95,7 @@ class ExpertLoRABank(nn.Module):
                 single.append(g)
             else:
                 pairs.append((g, u))
-        return pairs, single + list(up_by_key.values())
+        return pairs, single + list(up_by_key.values()) + self.buckets.get("gate_up_proj", [])
 
     def stacked_gate_up(self, gate: RankBucket, up: RankBucket, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_GI(2Rp), B_G(2Rp)(2F)): both A stacked along rank, B block-diagonal, so the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_dist.plan import AdapterPlan
+from moe_dist.plan import DEFAULT_EXPERT_TARGETS, AdapterPlan
 
 
 def hot_experts(tokens_LE: torch.Tensor, layers: list[int], selection: str, top_k: int = 0,
@@ -38,6 +38,6 @@ def hot_experts(tokens_LE: torch.Tensor, layers: list[int], selection: str, top_
 
 def hot_plan(base: AdapterPlan, hot: dict[int, list[int]], rank: int, lori: bool) -> AdapterPlan:
     """`base`'s attention adapters, expert adapters of `rank` on the hot experts only."""
-    projections = sorted({p for (_, _, p) in base.expert_ranks}) or ["down_proj", "gate_proj", "up_proj"]
+    projections = sorted({p for (_, _, p) in base.expert_ranks}) or sorted(DEFAULT_EXPERT_TARGETS)
     ranks = {(layer, e, p): rank for layer, experts in hot.items() for e in experts for p in projections}
     return AdapterPlan(expert_ranks=ranks, attention_ranks=dict(base.attention_ranks), lori=lori)

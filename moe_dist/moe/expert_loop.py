@@ -38,25 +38,24 @@ class ExpertLoopLinear(torch.autograd.Function):
                 slot_adapters: list[list[SlotAdapter]], *adapters: torch.Tensor) -> torch.Tensor:
         M, O = x_MI.shape[0], w_EOI.shape[1]
         y_MO = x_MI.new_empty(M, O)
-        t_per_slot: list[list[torch.Tensor]] = []
+        ts: list[torch.Tensor] = []  # t = x_e A^T of every adapter, in slot order
         start = 0
         for slot, n in enumerate(counts):
             x_nI, y_nO = x_MI[start:start + n], y_MO[start:start + n]
             start += n
             torch.mm(x_nI, w_EOI[slot].t(), out=y_nO)
-            ts = []
             for ad in slot_adapters[slot]:
                 t_nR = x_nI @ adapters[ad.a].t()
                 y_nO[:, ad.lo:ad.hi].addmm_(t_nR, adapters[ad.b].t(), alpha=ad.scale)
                 ts.append(t_nR)
-            t_per_slot.append(ts)
-        ctx.save_for_backward(x_MI, w_EOI, *adapters)
-        ctx.t_per_slot, ctx.counts, ctx.slot_adapters = t_per_slot, counts, slot_adapters
+        ctx.save_for_backward(x_MI, w_EOI, *adapters, *ts)
+        ctx.n_adapters, ctx.counts, ctx.slot_adapters = len(adapters), counts, slot_adapters
         return y_MO
 
     @staticmethod
     def backward(ctx, g_MO: torch.Tensor):
-        x_MI, w_EOI, *adapters = ctx.saved_tensors
+        x_MI, w_EOI, *rest = ctx.saved_tensors
+        adapters, ts = rest[:ctx.n_adapters], iter(rest[ctx.n_adapters:])
         need_x = ctx.needs_input_grad[0]
         need = ctx.needs_input_grad[4:]
         g_MO = g_MO.contiguous()
@@ -69,7 +68,8 @@ class ExpertLoopLinear(torch.autograd.Function):
             start += n
             if need_x:
                 torch.mm(g_nO, w_EOI[slot], out=gx_nI)
-            for ad, t_nR in zip(ctx.slot_adapters[slot], ctx.t_per_slot[slot]):
+            for ad in ctx.slot_adapters[slot]:
+                t_nR = next(ts)
                 A_RI, B_OR = adapters[ad.a], adapters[ad.b]
                 g_nP = g_nO[:, ad.lo:ad.hi]
                 u_nR = (g_nP @ B_OR).mul_(ad.scale)  # gradient w.r.t. t
@@ -82,5 +82,4 @@ class ExpertLoopLinear(torch.autograd.Function):
         for i, p in enumerate(adapters):  # an expert that got no rows still needs a gradient
             if need[i] and grads[i] is None:
                 grads[i] = torch.zeros_like(p)
-        ctx.t_per_slot = None
         return (grad_x, None, None, None, *grads)

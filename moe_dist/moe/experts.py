@@ -27,8 +27,9 @@ from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from moe_dist.moe.expert_loop import ExpertLoopLinear, SlotAdapter
 from moe_dist.parallel.groups import ExpertGroups, mark_expert_param
 from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.plan import EXPERT_PROJECTIONS, expert_proj_layout
 
-EXPERT_DIMS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_DIMS = EXPERT_PROJECTIONS  # kept for callers: every expert projection an adapter may target
 
 
 def grouped_mm(x_MI: torch.Tensor, w_GIO: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
@@ -145,8 +146,7 @@ class ExpertParallelExperts(MoE):
         return [sorted(self.placement.experts_of(r), key=signature) for r in range(self.placement.ep_size)]
 
     def _build_adapters(self, ranks: Mapping[tuple[int, str], int], device) -> None:
-        F, D = self.intermediate_size, self.hidden_size
-        dims = {"gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
+        dims = {p: expert_proj_layout(p, self.hidden_size, self.intermediate_size)[:2] for p in EXPERT_PROJECTIONS}
         self.adapters = ExpertLoRABank(self.layer, self.local_experts, ranks, dims, self.lora, self.lori, device=device)
         self.adapters.to(self.adapter_dtype)
         # ZeRO needs >= 1 trainable expert parameter on every rank; a rank whose experts carry
@@ -226,13 +226,15 @@ class ExpertParallelExperts(MoE):
             return self.compute_loop(x_MD, tokens_per_expert)
         return self.compute_grouped(x_MD, tokens_per_expert)
 
-    def _loop_adapters(self, projs: tuple[tuple[str, int, int], ...], dtype: torch.dtype
+    def _loop_adapters(self, projs: tuple[str, ...], dtype: torch.dtype
                        ) -> tuple[list[list[SlotAdapter]], list[torch.Tensor]]:
         bank = self.adapters
+        cols = {p: expert_proj_layout(p, self.hidden_size, self.intermediate_size)[2:] for p in projs}
         slots, tensors = [], []
         for expert in self.local_experts:
             mine = []
-            for proj, lo, hi in projs:
+            for proj in projs:
+                lo, hi = cols[proj]
                 name = f"{expert}_{proj}"
                 if name not in bank.lora_A:
                     continue
@@ -246,12 +248,12 @@ class ExpertParallelExperts(MoE):
 
     def compute_loop(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Per local expert, base GEMM with its LoRA added in place (moe_dist/moe/expert_loop.py)."""
-        F, D = self.intermediate_size, self.hidden_size
+        F = self.intermediate_size
         x_MD = x_MD.to(self.gate_up_proj.dtype).contiguous()
-        slots, tensors = self._loop_adapters((("gate_proj", 0, F), ("up_proj", F, 2 * F)), x_MD.dtype)
+        slots, tensors = self._loop_adapters(("gate_proj", "up_proj", "gate_up_proj"), x_MD.dtype)
         gate_up_M2F = ExpertLoopLinear.apply(x_MD, self.gate_up_proj, counts, slots, *tensors)
         h_MF = self.act_fn(gate_up_M2F[:, :F]) * gate_up_M2F[:, F:]
-        slots, tensors = self._loop_adapters((("down_proj", 0, D),), h_MF.dtype)
+        slots, tensors = self._loop_adapters(("down_proj",), h_MF.dtype)
         y_MD = ExpertLoopLinear.apply(h_MF, self.down_proj, counts, slots, *tensors)
         if self.anchor is not None:
             y_MD = y_MD + (self.anchor * 0).to(y_MD.dtype)
@@ -275,7 +277,8 @@ class ExpertParallelExperts(MoE):
             A, B = bank.stacked_gate_up(gate, up, x_MD.dtype)
             _lora_delta(A, B, gate, x_MD, gate_up_M2F, starts, counts)
         for bucket in bank.gate_up_singles:
-            cols = slice(0, F) if bucket.proj == "gate_proj" else slice(F, 2 * F)
+            lo, hi = expert_proj_layout(bucket.proj, self.hidden_size, F)[2:]
+            cols = slice(lo, hi)
             _lora_delta(*bank.stacked(bucket, x_MD.dtype), bucket, x_MD, gate_up_M2F[:, cols], starts, counts)
         h_MF = self.act_fn(gate_up_M2F[:, :F]) * gate_up_M2F[:, F:]
         y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs_e)

@@ -23,9 +23,7 @@ from typing import Mapping
 import torch
 
 from moe_dist.parallel.placement import ExpertPlacement
-from moe_dist.plan import AdapterPlan
-
-EXPERT_PROJ_DIMS = ("gate_proj", "up_proj", "down_proj")
+from moe_dist.plan import AdapterPlan, expert_proj_layout
 
 
 def expert_costs_E(plan: AdapterPlan, layer: int, tokens_E: torch.Tensor, hidden: int, intermediate: int
@@ -34,8 +32,9 @@ def expert_costs_E(plan: AdapterPlan, layer: int, tokens_E: torch.Tensor, hidden
     D, F = hidden, intermediate
     base = 12.0 * D * F
     adapter_E = torch.zeros(len(tokens_E), dtype=torch.float64)
-    for (e, _proj), r in plan.expert_ranks_of_layer(layer).items():
-        adapter_E[e] += 6.0 * r * (D + F)  # every expert projection maps D <-> F
+    for (e, proj), r in plan.expert_ranks_of_layer(layer).items():
+        in_f, out_f, _, _ = expert_proj_layout(proj, D, F)
+        adapter_E[e] += 6.0 * r * (in_f + out_f)
     return tokens_E.to(torch.float64) * (base + adapter_E)
 
 
@@ -127,16 +126,15 @@ def balanced_placement(cost_E: torch.Tensor, ep_size: int, current: ExpertPlacem
                          f"{current.ep_size} ranks, asked for {E} over {ep_size}")
     if ep_size == 1:
         return current
+    if any(len(current.experts_of(r)) != E // ep_size for r in range(ep_size)):
+        return current  # a hand-made uneven map: moving would change a rank's memory; left alone
     cost = [float(c) for c in cost_E]
-    uneven = [r for r in range(ep_size) if len(current.experts_of(r)) != E // ep_size]
     current_max = max(rank_loads_P(cost_E, current).tolist())
-    refined = _refine_by_swaps(cost, [current.experts_of(r) for r in range(ep_size)]) if not uneven else None
+    refined = _refine_by_swaps(cost, [current.experts_of(r) for r in range(ep_size)])
     fresh = _refine_by_swaps(cost, _largest_first(cost, ep_size))
     loads_max = lambda bins: max(sum(cost[e] for e in b) for b in bins)  # noqa: E731
-    best = refined
-    if best is None or loads_max(fresh) < loads_max(refined) * (1 - min_gain):
-        best = fresh
-    if not uneven and loads_max(best) >= current_max * (1 - min_gain):
+    best = fresh if loads_max(fresh) < loads_max(refined) * (1 - min_gain) else refined
+    if loads_max(best) >= current_max * (1 - min_gain):
         return current
     return _label_like(best, current)
 

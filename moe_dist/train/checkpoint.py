@@ -142,6 +142,13 @@ def _zero_full_state(engine, params: dict[str, torch.nn.Parameter]) -> tuple[dic
                                           "real_dp_process_group")):
         return None
     key_of = {id(p): k for k, p in params.items()}
+    offsets = {}
+    for i, group in enumerate(zero.bit16_groups):  # layout checked on every rank before any collective
+        flat = zero.bit16_groups_flat[i]
+        for p in group:
+            offsets[id(p)] = (p.data_ptr() - flat.data_ptr()) // p.element_size()
+            if not 0 <= offsets[id(p)] <= flat.numel() - p.numel():
+                return None  # not a view of its flat group (a layout this code does not know)
     values, optim = {}, {}
     for i, group in enumerate(zero.bit16_groups):
         flat = zero.bit16_groups_flat[i]
@@ -162,9 +169,7 @@ def _zero_full_state(engine, params: dict[str, torch.nn.Parameter]) -> tuple[dic
             key = key_of.get(id(p))
             if key is None:
                 continue
-            offset = (p.data_ptr() - flat.data_ptr()) // p.element_size()
-            if not 0 <= offset <= flat.numel() - p.numel():
-                return None  # not a view of its flat group (a layout this code does not know)
+            offset = offsets[id(p)]
             rows = full_SN[:, offset:offset + p.numel()].reshape(len(local_SP), *p.shape).cpu()
             values[key] = rows[0].clone()
             optim.update({f"{key}/{n}": rows[1 + j].clone() for j, n in enumerate(names)})

@@ -23,7 +23,7 @@ from moe_dist.moe.experts import EXPERT_DIMS, ExpertParallelExperts
 from moe_dist.parallel.balance import balanced_placements, imbalance, layer_costs, moved_experts
 from moe_dist.parallel.migrate import TensorSpec, exchange
 from moe_dist.parallel.placement import ExpertPlacement
-from moe_dist.plan import AdapterPlan, expert_param_key
+from moe_dist.plan import AdapterPlan, expert_param_key, expert_proj_layout
 from moe_dist.routing import experts_modules
 from moe_dist.train import checkpoint as ckpt
 
@@ -70,7 +70,7 @@ def _expert_manifest(mod: ExpertParallelExperts, plan: AdapterPlan, expert: int,
         r = ranks.get((expert, proj), 0)
         if not r:
             continue
-        in_f, out_f = (F, D) if proj == "down_proj" else (D, F)
+        in_f, out_f, _, _ = expert_proj_layout(proj, D, F)
         a, b = expert_param_key(layer, expert, proj, "lora_A"), expert_param_key(layer, expert, proj, "lora_B")
         specs += [TensorSpec(a, (r, in_f), torch.float32), TensorSpec(b, (out_f, r), torch.float32)]
         if with_moments:
@@ -99,6 +99,11 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
     any_mod = next(iter(mods.values()))
     ep_size, ep_rank, device = any_mod.ep_size, any_mod.groups.ep_rank, any_mod.gate_up_proj.device
     old = current_placements(model)
+    for layer, new in placements.items():  # checked before any collective: every rank raises alike
+        counts = lambda p: [len(p.experts_of(r)) for r in range(p.ep_size)]  # noqa: E731
+        if new.ep_size != ep_size or counts(new) != counts(old[layer]):
+            raise ValueError(f"layer {layer}: a move keeps each EP rank's expert count {counts(old[layer])}; "
+                             f"the new placement has {counts(new)} over EP {new.ep_size}")
     moving = {layer: experts for layer, experts in moved_experts(old, placements).items() if experts}
     report.experts_moved = sum(len(v) for v in moving.values())
     params = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import types
 
 import torch
 
@@ -29,6 +30,16 @@ from moe_dist.train import checkpoint as ckpt
 
 
 def destroy_engine(engine) -> None:
+    # DeepSpeed binds methods to every trainable parameter (get_full_hp_param & co. in
+    # utils/mixed_precision_linkage.py, load_hp_checkpoint_state): each refers back to its
+    # parameter, a cycle only the cycle collector frees, and never if the parameter predates
+    # gc.freeze() (the trainer freezes its setup): a dropped adapter would keep the old
+    # engine's flat buffer alive. Unbinding them lets reference counting free it.
+    for p in engine.module.parameters():
+        for name, value in list(p.__dict__.items()):
+            if isinstance(value, types.MethodType) and value.__self__ is p:
+                del p.__dict__[name]
+        p.__dict__.pop("_hp_mapping", None)
     for name in ("module_forward_pre_hook", "module_forward_post_hook"):
         handle = getattr(engine, name, None)
         if handle is not None:

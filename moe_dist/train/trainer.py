@@ -97,7 +97,8 @@ def build_plan(cfg: RunConfig, hf_config) -> AdapterPlan:
         return dmep_initial_plan(targets, d.num_experts, cfg.lora.rank, d.top_k)
     num_experts, *_ = expert_sizes(hf_config)
     attention = range(hf_config.num_hidden_layers) if cfg.lora.attention else ()
-    return AdapterPlan.uniform(moe_layer_indices(hf_config), num_experts, cfg.lora.rank, attention_layers=attention)
+    return AdapterPlan.uniform(moe_layer_indices(hf_config), num_experts, cfg.lora.rank,
+                               expert_projections=cfg.lora.expert_target_list(), attention_layers=attention)
 
 
 def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int, device: torch.device,
@@ -304,6 +305,8 @@ class Trainer:
         if self.cfg.repartition.enabled and self.ep_size > 1:  # rebalance in the same rebuild
             placements, now, after = plan_placements(self.model, new_plan, window.tokens_LE, window.layers)
             self.routing_balance = None
+            if placements == current_placements(self.model):
+                placements = None
         info = restructure(self, new_plan, placements)
         if info["move"] is not None:
             info["move"].imbalance_before, info["move"].imbalance_after = now, after
