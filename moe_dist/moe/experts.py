@@ -29,8 +29,6 @@ from moe_dist.parallel.groups import ExpertGroups, mark_expert_param
 from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.plan import EXPERT_PROJECTIONS, expert_proj_layout
 
-EXPERT_DIMS = EXPERT_PROJECTIONS  # kept for callers: every expert projection an adapter may target
-
 
 def grouped_mm(x_MI: torch.Tensor, w_GIO: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(x_MI, w_GIO, offs=offs_G)
@@ -142,7 +140,7 @@ class ExpertParallelExperts(MoE):
         """Local slot order groups experts with equal adapter ranks, so rank buckets are
         contiguous row ranges (no gather) in the common case. It is derived from the plan,
         identical on every rank, so all ranks agree on every rank's slot order."""
-        signature = lambda e: (tuple(-ranks.get((e, p), 0) for p in EXPERT_DIMS), e)  # noqa: E731
+        signature = lambda e: (tuple(-ranks.get((e, p), 0) for p in EXPERT_PROJECTIONS), e)  # noqa: E731
         return [sorted(self.placement.experts_of(r), key=signature) for r in range(self.placement.ep_size)]
 
     def _build_adapters(self, ranks: Mapping[tuple[int, str], int], device) -> None:

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moe_dist.moe.experts import EXPERT_DIMS, ExpertParallelExperts
+from moe_dist.moe.experts import ExpertParallelExperts
 from moe_dist.parallel.balance import balanced_placements, imbalance, layer_costs, moved_experts
 from moe_dist.parallel.migrate import TensorSpec, exchange
 from moe_dist.parallel.placement import ExpertPlacement
-from moe_dist.plan import AdapterPlan, expert_param_key, expert_proj_layout
+from moe_dist.plan import EXPERT_PROJECTIONS, AdapterPlan, expert_param_key, expert_proj_layout
 from moe_dist.routing import experts_modules
 from moe_dist.train import checkpoint as ckpt
 
@@ -66,7 +66,7 @@ def _expert_manifest(mod: ExpertParallelExperts, plan: AdapterPlan, expert: int,
     specs = [TensorSpec(f"layers.{layer}.experts.{expert}.base.gate_up_proj", (2 * F, D), dtype),
              TensorSpec(f"layers.{layer}.experts.{expert}.base.down_proj", (D, F), dtype)]
     ranks = plan.expert_ranks_of_layer(layer)
-    for proj in EXPERT_DIMS:
+    for proj in EXPERT_PROJECTIONS:
         r = ranks.get((expert, proj), 0)
         if not r:
             continue
