@@ -69,7 +69,7 @@ def balance_rows(run_dir: Path, method: str, ep_sizes: list[int]) -> list[dict]:
     rows = []
     for ep in ep_sizes:
         contiguous = {l: ExpertPlacement.contiguous(num_experts, ep) for l in layers}
-        balanced = balanced_placements(plan, tokens_LE, layers, ep, D, F, contiguous)
+        balanced = balanced_placements(costs, ep, contiguous)
         moved = sum(a != b for l in layers for a, b in zip(contiguous[l].owner, balanced[l].owner))
         rows.append({"method": method, "ep_size": ep, "imbalance_contiguous": imbalance(costs, contiguous),
                      "imbalance_balanced": imbalance(costs, balanced), "experts_moved": moved,
@@ -85,7 +85,8 @@ def move_cost(run_dir: Path, reason_prefix: str) -> list[dict]:
     tps = {r["step"]: r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r}
     logged = sorted(tps)
     log_every = min(b - a for a, b in zip(logged, logged[1:]))
-    seconds = {s: _tokens_per_step(run_dir) * log_every / v for s, v in tps.items()}  # per logged interval
+    tokens = _tokens_per_step(run_dir) * log_every
+    seconds = {s: tokens / v for s, v in tps.items()}  # per logged interval
     moves = [r for r in rows if r.get("event") == "repartition"]
     with_move = {m["step"] + log_every for m in moves}
     step_s = statistics.median(v for s, v in seconds.items() if s not in with_move and s > logged[1]) / log_every

@@ -139,13 +139,12 @@ def balanced_placement(cost_E: torch.Tensor, ep_size: int, current: ExpertPlacem
     return _label_like(best, current)
 
 
-def balanced_placements(plan: AdapterPlan, tokens_LE: torch.Tensor, layers: list[int], ep_size: int, hidden: int,
-                        intermediate: int, current: Mapping[int, ExpertPlacement] | None = None,
+def balanced_placements(costs: Mapping[int, torch.Tensor], ep_size: int,
+                        current: Mapping[int, ExpertPlacement] | None = None,
                         min_gain: float = 0.01) -> dict[int, ExpertPlacement]:
-    """Every MoE layer's placement for `plan` under measured routing (rows of tokens_LE follow
-    `layers`). Pure: every rank computes the same maps from the same all-reduced counts."""
+    """Every MoE layer's placement for its expert costs (`layer_costs`). Pure: every rank
+    computes the same maps from the same all-reduced counts."""
     current = current or {}
-    costs = layer_costs(plan, tokens_LE, layers, hidden, intermediate)
     return {layer: balanced_placement(cost_E, ep_size, current.get(layer), min_gain) for layer, cost_E in costs.items()}
 
 

@@ -135,7 +135,7 @@ def _zero_full_state(engine, params: dict[str, torch.nn.Parameter]) -> tuple[dic
     partition and moments are all-gathered over its data-parallel group at once, and each
     parameter is its slice at the offset its (flat-buffer view) weight has. Reads DeepSpeed
     internals (stage_1_and_2: bit16_groups, bit16_groups_flat, single_partition_of_fp32_groups,
-    real_dp_process_group); tests/test_checkpoint.py checks it against the public API.
+    real_dp_process_group); tests/test_repartition.py checks it against the public API.
     None when the optimizer is not a ZeRO-1/2 one."""
     zero = getattr(engine, "optimizer", None)
     if not all(hasattr(zero, a) for a in ("bit16_groups", "bit16_groups_flat", "single_partition_of_fp32_groups",

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from moe_dist.moe.experts import ExpertParallelExperts
 from moe_dist.parallel.balance import balanced_placements, imbalance, layer_costs, moved_experts
 from moe_dist.parallel.migrate import TensorSpec, exchange
 from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.parallel.reduce import global_sum
 from moe_dist.plan import EXPERT_PROJECTIONS, AdapterPlan, expert_param_key, expert_proj_layout
 from moe_dist.routing import experts_modules
 from moe_dist.train import checkpoint as ckpt
@@ -53,8 +53,8 @@ def plan_placements(model: torch.nn.Module, plan: AdapterPlan, tokens_LE: torch.
     any_mod = next(iter(mods.values()))
     D, F = any_mod.hidden_size, any_mod.intermediate_size
     current = current_placements(model)
-    new = balanced_placements(plan, tokens_LE, layers, any_mod.ep_size, D, F, current, min_gain)
     costs = layer_costs(plan, tokens_LE, layers, D, F)
+    new = balanced_placements(costs, any_mod.ep_size, current, min_gain)
     return new, imbalance(costs, current), imbalance(costs, new)
 
 
@@ -125,7 +125,7 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
             elif dst == ep_rank:
                 recv_specs[src] += specs
     report.bytes_sent = sum(s.nbytes for specs in send_specs for s in specs)
-    report.bytes_moved = global_bytes(report.bytes_sent, device)
+    report.bytes_moved = int(global_sum(report.bytes_sent, device))  # EDP replicas each move their own copy
     received = exchange(outgoing, send_specs, recv_specs, any_mod.groups.ep_group, device)
     del outgoing
     arriving: dict[int, dict[int, list]] = {}
@@ -187,10 +187,3 @@ def repartition(trainer, placements: dict[int, ExpertPlacement]) -> MoveReport:
     report.seconds = time.perf_counter() - t0
     return report
 
-
-def global_bytes(n: int, device) -> int:
-    """Collective: the sum over all ranks (EDP replicas included: each moves its own copy)."""
-    t = torch.tensor([n], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return int(t.item())

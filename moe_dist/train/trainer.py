@@ -33,6 +33,7 @@ from moe_dist.parallel.agreement import agree_on_plan
 from moe_dist.parallel.balance import balanced_placements, imbalance, layer_costs
 from moe_dist.parallel.groups import writes_canonical_copy
 from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.parallel.reduce import global_sum
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import collect_routing_stats, decayed_importance, experts_modules
 from moe_dist.train import checkpoint as ckpt
@@ -120,13 +121,6 @@ def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int
     return model
 
 
-def _global_sum(x: float, device) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.item()
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, device: torch.device, bf16: bool):
         self.cfg, self.device, self.bf16 = cfg, device, bf16
@@ -195,7 +189,7 @@ class Trainer:
 
     def count_trainable(self) -> int:
         """Collective: trainable parameters of the whole job, each EP shard counted once."""
-        return int(_global_sum(sum(p.numel() for p in self.params.values() if writes_canonical_copy(p)), self.device))
+        return int(global_sum(sum(p.numel() for p in self.params.values() if writes_canonical_copy(p)), self.device))
 
     def profile_hot_plan(self, lori: bool) -> AdapterPlan:
         """HELLoRA: count routing on `profile_steps` training micro-batches (forward only, with
@@ -222,8 +216,8 @@ class Trainer:
         self.pending_events.append(f"hellora plan {plan.hash()}: hot experts {summary}")
         if cfg.repartition.enabled and self.ep_size > 1:  # spread the hot experts before building
             _, D, F, _ = expert_sizes(self.hf_config)
-            self.placements = balanced_placements(plan, stats.tokens_LE, stats.layers, self.ep_size, D, F)
             costs = layer_costs(plan, stats.tokens_LE, stats.layers, D, F)
+            self.placements = balanced_placements(costs, self.ep_size)
             contiguous = {layer: ExpertPlacement.contiguous(p.num_experts, self.ep_size)
                           for layer, p in self.placements.items()}
             report = MoveReport(imbalance_before=imbalance(costs, contiguous),
@@ -310,7 +304,8 @@ class Trainer:
         info = restructure(self, new_plan, placements)
         if info["move"] is not None:
             info["move"].imbalance_before, info["move"].imbalance_after = now, after
-            self._log_move(f"epng step {self.step}", info["move"], time.perf_counter() - t0)
+            info["move"].seconds = time.perf_counter() - t0
+            self.pending_moves.append((f"epng step {self.step}", info["move"]))
         self.trainable_total = self.count_trainable()
         pruned = sorted({(l, e_) for (l, e_, _) in old.expert_ranks} - {(l, e_) for (l, e_, _) in new_plan.expert_ranks})
         grown = sorted({(l, e_) for (l, e_, p), r in new_plan.expert_ranks.items() if r > old.rank(l, e_, p)})
@@ -373,11 +368,7 @@ class Trainer:
             return
         report = repartition(self, placements)
         report.imbalance_before, report.imbalance_after = now, after
-        self._log_move(f"step {self.step}{' (forced)' if force else ''}", report, report.seconds)
-
-    def _log_move(self, why: str, report: MoveReport, seconds: float) -> None:
-        report.seconds = seconds
-        self.pending_moves.append((why, report))
+        self.pending_moves.append((f"step {self.step}{' (forced)' if force else ''}", report))
 
     def lori_masks(self) -> dict[str, torch.Tensor]:
         return {k: m for mod in experts_modules(self.model).values() for k, m in mod.adapters.lori_masks().items()}
@@ -414,7 +405,7 @@ class Trainer:
         mods = experts_modules(self.model)
         expert = sum(share_LE[i, e].item() * top_k * mods[layer].adapters.flops_per_token(e)
                      for i, layer in enumerate(layers) for e in mods[layer].local_experts)
-        expert = _global_sum(expert, self.device) / (self.world // self.ep_size)  # EDP replicas counted once
+        expert = global_sum(expert, self.device) / (self.world // self.ep_size)  # EDP replicas counted once
         # Attention LoRA and LoRA-MoE run on every token (LoRA-MoE computes all its experts).
         dense = sum(2 * p.numel() for k, p in adapter_params(self.model).items() if ".experts." not in k)
         return expert + dense
@@ -464,7 +455,7 @@ class Trainer:
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 stats = self.collect_routing()
                 elapsed = time.perf_counter() - t_log
-                mean_loss = _global_sum(sum(losses[-steps_since_log:]) / steps_since_log, self.device) / self.world
+                mean_loss = global_sum(sum(losses[-steps_since_log:]) / steps_since_log, self.device) / self.world
                 logger.step(self.step, {"loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
                                         "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                                         "tokens_per_sec": tokens_per_step * steps_since_log / elapsed,
@@ -492,7 +483,7 @@ class Trainer:
         r = self.routing_total
         flops = self.adapter_flops_per_token(r.load_share_LE(), r.layers) if r is not None else None
         last = times[-max(1, len(times) // 4):]
-        run_losses = _global_sum(sum(losses[-5:]) / max(1, len(losses[-5:])), self.device) / self.world
+        run_losses = global_sum(sum(losses[-5:]) / max(1, len(losses[-5:])), self.device) / self.world
         summary = {
             "method": cfg.method, "model": cfg.model, "world_size": self.world, "ep_size": self.ep_size,
             "trainable_params": self.trainable_total, "adapter_flops_per_token": flops,
