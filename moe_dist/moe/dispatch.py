@@ -80,6 +80,66 @@ def permute(rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> to
     return _Permute.apply(rows, perm, inverse)
 
 
+class _GatherTokens(torch.autograd.Function):
+    """The token row of every routed slot, in sent order: x[sort // K]. One gather from the T
+    token rows instead of copying each token K times and then permuting; backward gathers the
+    gradient back to token-major slots and sums each token's K of them (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, sort_N, unsort_N, K):
+        ctx.save_for_backward(unsort_N)
+        ctx.K = K
+        return x_TD.index_select(0, torch.div(sort_N, K, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        (unsort_N,) = ctx.saved_tensors
+        N, D = g_ND.shape
+        return g_ND.index_select(0, unsort_N).view(N // ctx.K, ctx.K, D).sum(1), None, None, None
+
+
+def gather_tokens(x_TD: torch.Tensor, sort_N: torch.Tensor, unsort_N: torch.Tensor, K: int) -> torch.Tensor:
+    """Rows for the N = T*K routed slots in sent order (slot i of the token-major order is
+    token i // K); `unsort_N` is the inverse of `sort_N`."""
+    return _GatherTokens.apply(x_TD, sort_N, unsort_N, K)
+
+
+class _WeightedCombine(torch.autograd.Function):
+    """out[t] = sum_k w[t, k] * y[unsort[t*K + k]]: unpermute and gate-weighted sum as one
+    gather and one batched matmul, accumulated in the promoted dtype (fp32 gates) like
+    transformers' grouped path. Backward builds the rows' gradient straight in sent order
+    (g[sort // K] * w[sort]) instead of materialising it token-major and permuting it."""
+
+    @staticmethod
+    def forward(ctx, y_ND, w_TK, unsort_N, sort_N):
+        T, K = w_TK.shape
+        dt = torch.promote_types(y_ND.dtype, w_TK.dtype)
+        y_TKD = y_ND.index_select(0, unsort_N).view(T, K, -1)
+        out_TD = torch.bmm(w_TK.to(dt).unsqueeze(1), y_TKD.to(dt)).squeeze(1)
+        ctx.save_for_backward(y_TKD, w_TK, sort_N)
+        return out_TD.to(y_ND.dtype)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_TKD, w_TK, sort_N = ctx.saved_tensors
+        K = w_TK.shape[1]
+        dt = torch.promote_types(y_TKD.dtype, w_TK.dtype)
+        g_TD = g_TD.to(dt)
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            token_N = torch.div(sort_N, K, rounding_mode="floor")
+            w_N1 = w_TK.to(dt).reshape(-1).index_select(0, sort_N).unsqueeze(1)
+            grad_y = g_TD.index_select(0, token_N).mul_(w_N1).to(y_TKD.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (y_TKD.to(dt) * g_TD.unsqueeze(1)).sum(-1).to(w_TK.dtype)
+        return grad_y, grad_w, None, None
+
+
+def weighted_combine(y_ND: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+    """Expert outputs in sent order -> gate-weighted sum per token, in the rows' dtype."""
+    return _WeightedCombine.apply(y_ND, top_k_weights_TK, meta.unsort_N, meta.sort_N)
+
+
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
@@ -108,7 +168,7 @@ class LocalDispatcher:
         sort_N = torch.argsort(slot_N, stable=True)
         tokens_per_expert = count_tokens_per_expert(slot_N, self.num_experts).tolist()  # the one host sync
         unsort_N = _inverse_permutation(sort_N)
-        x_ND = permute(expand_topk(x_TD, K), sort_N, unsort_N)
+        x_ND = gather_tokens(x_TD, sort_N, unsort_N, K)
         meta = DispatchMeta(
             unsort_N=unsort_N,
             sort_N=sort_N,
@@ -123,7 +183,7 @@ class LocalDispatcher:
         return x_ND, meta
 
     def combine(self, y_MD: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        return weighted_sum(permute(y_MD, meta.unsort_N, meta.sort_N), top_k_weights_TK, meta)
+        return weighted_combine(y_MD, top_k_weights_TK, meta)
 
 
 class AllToAllDispatcher:
@@ -172,7 +232,7 @@ class AllToAllDispatcher:
         input_splits, output_splits, tokens_per_expert = host[:P], host[P : 2 * P], host[2 * P :]
         # exchange rows
         unsort_N = _inverse_permutation(sort_N)
-        x_ND = permute(expand_topk(x_TD, K), sort_N, unsort_N)
+        x_ND = gather_tokens(x_TD, sort_N, unsort_N, K)
         M = sum(output_splits)
         x_MD = exchange(x_ND, output_splits, input_splits, self.group)
         # local sort (no communication): rows arrive source-major, experts want expert-major
@@ -195,18 +255,5 @@ class AllToAllDispatcher:
     def combine(self, y_MD: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         y_source_major = permute(y_MD, meta.local_unsort_M, meta.local_sort_M)
         y_ND = exchange(y_source_major, meta.input_splits, meta.output_splits, self.group)
-        return weighted_sum(permute(y_ND, meta.unsort_N, meta.sort_N), top_k_weights_TK, meta)
+        return weighted_combine(y_ND, top_k_weights_TK, meta)
 
-
-def expand_topk(x_TD: torch.Tensor, K: int) -> torch.Tensor:
-    """Each token repeated K times, token-major (N = T*K rows); backward is a reshape-sum."""
-    T, D = x_TD.shape
-    return x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D)
-
-
-def weighted_sum(y_ND: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-    """Gate-weighted sum over each token's K slots. Accumulates in the promoted dtype (fp32
-    gates) like transformers' grouped path, then casts back to the hidden dtype."""
-    T, K, D = meta.num_tokens, meta.top_k, y_ND.shape[-1]
-    out_TD = (y_ND.view(T, K, D) * top_k_weights_TK.unsqueeze(-1)).sum(dim=1)
-    return out_TD.to(y_ND.dtype)

@@ -45,9 +45,12 @@ class ExpertLoopLinear(torch.autograd.Function):
             start += n
             torch.mm(x_nI, w_EOI[slot].t(), out=y_nO)
             for ad in slot_adapters[slot]:
-                t_nR = x_nI @ adapters[ad.a].t()
-                y_nO[:, ad.lo:ad.hi].addmm_(t_nR, adapters[ad.b].t(), alpha=ad.scale)
-                ts.append(t_nR)
+                # Rank-R products are computed with R as the row dimension (t^T = A x^T, not
+                # x A^T): MKL runs these 1.5-3x faster than the N=R orientation on CPU.
+                tT_Rn = torch.mm(adapters[ad.a], x_nI.t()).mul_(ad.scale)
+                y_nP = y_nO if ad.hi - ad.lo == O else y_nO[:, ad.lo:ad.hi]
+                y_nP.addmm_(tT_Rn.t(), adapters[ad.b].t())
+                ts.append(tT_Rn)
         ctx.save_for_backward(x_MI, w_EOI, *adapters, *ts)
         ctx.n_adapters, ctx.counts, ctx.slot_adapters = len(adapters), counts, slot_adapters
         return y_MO
@@ -59,6 +62,7 @@ class ExpertLoopLinear(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         need = ctx.needs_input_grad[4:]
         g_MO = g_MO.contiguous()
+        O = g_MO.shape[1]
         grad_x = x_MI.new_empty(x_MI.shape) if need_x else None
         grads: list[torch.Tensor | None] = [None] * len(adapters)
         start = 0
@@ -69,16 +73,16 @@ class ExpertLoopLinear(torch.autograd.Function):
             if need_x:
                 torch.mm(g_nO, w_EOI[slot], out=gx_nI)
             for ad in ctx.slot_adapters[slot]:
-                t_nR = next(ts)
+                tT_Rn = next(ts)  # already scaled by s
                 A_RI, B_OR = adapters[ad.a], adapters[ad.b]
-                g_nP = g_nO[:, ad.lo:ad.hi]
-                u_nR = (g_nP @ B_OR).mul_(ad.scale)  # gradient w.r.t. t
+                g_nP = g_nO if ad.hi - ad.lo == O else g_nO[:, ad.lo:ad.hi]
+                uT_Rn = torch.mm(B_OR.t(), g_nP.t()).mul_(ad.scale)  # gradient w.r.t. t, transposed
                 if need_x:
-                    gx_nI.addmm_(u_nR, A_RI)
+                    gx_nI.addmm_(uT_Rn.t(), A_RI)
                 if need[ad.a]:
-                    grads[ad.a] = u_nR.t() @ x_nI
+                    grads[ad.a] = torch.mm(uT_Rn, x_nI)
                 if need[ad.b]:
-                    grads[ad.b] = (g_nP.t() @ t_nR).mul_(ad.scale)
+                    grads[ad.b] = torch.mm(tT_Rn, g_nP).t()
         for i, p in enumerate(adapters):  # an expert that got no rows still needs a gradient
             if need[i] and grads[i] is None:
                 grads[i] = torch.zeros_like(p)

@@ -246,16 +246,15 @@ class ExpertParallelExperts(MoE):
 
     def compute_loop(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Per local expert, base GEMM with its LoRA added in place (moe_dist/moe/expert_loop.py)."""
-        F = self.intermediate_size
         x_MD = x_MD.to(self.gate_up_proj.dtype).contiguous()
         slots, tensors = self._loop_adapters(("gate_proj", "up_proj", "gate_up_proj"), x_MD.dtype)
         gate_up_M2F = ExpertLoopLinear.apply(x_MD, self.gate_up_proj, counts, slots, *tensors)
-        h_MF = self.act_fn(gate_up_M2F[:, :F]) * gate_up_M2F[:, F:]
+        gate_MF, up_MF = gate_up_M2F.chunk(2, dim=-1)  # split, not slices: backward is one cat, no zero-fill
+        h_MF = self.act_fn(gate_MF) * up_MF
         slots, tensors = self._loop_adapters(("down_proj",), h_MF.dtype)
-        y_MD = ExpertLoopLinear.apply(h_MF, self.down_proj, counts, slots, *tensors)
-        if self.anchor is not None:
-            y_MD = y_MD + (self.anchor * 0).to(y_MD.dtype)
-        return y_MD
+        if self.anchor is not None:  # an input no adapter reads: its gradient is zero, at no cost
+            tensors.append(self.anchor)
+        return ExpertLoopLinear.apply(h_MF, self.down_proj, counts, slots, *tensors)
 
     def compute_grouped(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Local experts on rows sorted by local slot: grouped base matmuls + adapter buckets."""
@@ -278,7 +277,8 @@ class ExpertParallelExperts(MoE):
             lo, hi = expert_proj_layout(bucket.proj, self.hidden_size, F)[2:]
             cols = slice(lo, hi)
             _lora_delta(*bank.stacked(bucket, x_MD.dtype), bucket, x_MD, gate_up_M2F[:, cols], starts, counts)
-        h_MF = self.act_fn(gate_up_M2F[:, :F]) * gate_up_M2F[:, F:]
+        gate_MF, up_MF = gate_up_M2F.chunk(2, dim=-1)  # split, not slices: backward is one cat, no zero-fill
+        h_MF = self.act_fn(gate_MF) * up_MF
         y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs_e)
         for bucket in bank.buckets["down_proj"]:
             _lora_delta(*bank.stacked(bucket, h_MF.dtype), bucket, h_MF, y_MD, starts, counts)
