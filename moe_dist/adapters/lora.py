@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_dist.moe.expert_loop import ExpertLoopLinear, SlotAdapter
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -77,9 +79,19 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         a = self.lora_A.to(x.dtype)
         b = self.lora_B.to(x.dtype)
+        if (x.device.type == "cpu" and type(self.base) is nn.Linear and isinstance(self.dropout, nn.Identity)
+                and not self.base.weight.requires_grad):
+            # The CPU expert kernel with one group: LoRA added into the base GEMM's output and
+            # input gradient in place, rank-R products in MKL's fast orientation.
+            x_MI = x.reshape(-1, x.shape[-1]).contiguous()
+            adapter = SlotAdapter(0, 1, 0, self.out_features, self.scaling)
+            y_MO = ExpertLoopLinear.apply(x_MI, self.base.weight.unsqueeze(0), [x_MI.shape[0]], [[adapter]], a, b)
+            if self.base.bias is not None:
+                y_MO = y_MO + self.base.bias
+            return y_MO.view(*x.shape[:-1], self.out_features)
+        out = self.base(x)
         return out + (self.dropout(x) @ a.t() @ b.t()) * self.scaling
 
     def adapter_params(self) -> dict[str, nn.Parameter]:

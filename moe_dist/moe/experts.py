@@ -155,6 +155,7 @@ class ExpertParallelExperts(MoE):
             mark_expert_param(self.anchor, self.ep_size)
         for p in self.adapters.parameters():
             mark_expert_param(p, self.ep_size)
+        self._loop_layouts: dict = {}  # projections -> per-slot adapter entries (compute_loop)
 
     def set_adapter_ranks(self, ranks: Mapping[tuple[int, str], int]) -> None:
         """Replace this layer's adapters by fresh ones of the given ranks (a structure change).
@@ -213,6 +214,7 @@ class ExpertParallelExperts(MoE):
     def _apply(self, fn, recurse=True):  # keep dispatcher index tensors on the module's device
         out = super()._apply(fn, recurse)
         self.dispatcher.to(self.gate_up_proj.device)
+        self._loop_layouts = {}  # casts may replace the mask buffers
         return out
 
     # ---- compute ----------------------------------------------------------------------
@@ -226,23 +228,35 @@ class ExpertParallelExperts(MoE):
 
     def _loop_adapters(self, projs: tuple[str, ...], dtype: torch.dtype
                        ) -> tuple[list[list[SlotAdapter]], list[torch.Tensor]]:
+        """Per-slot adapter entries and the tensors they index. The structure is built once
+        per adapter layout (it changes only with `_build_adapters` or a move/cast); each call
+        only collects the current tensors, with LoRI's mask applied."""
+        layout = self._loop_layouts.get(projs)
+        if layout is None:
+            layout = self._loop_layouts[projs] = self._build_loop_layout(projs)
+        slots, pairs = layout
+        tensors = []
+        for A, B, mask in pairs:
+            if mask is not None:
+                B = B * mask
+            tensors += [A if A.dtype == dtype else A.to(dtype), B if B.dtype == dtype else B.to(dtype)]
+        return slots, tensors
+
+    def _build_loop_layout(self, projs: tuple[str, ...]):
         bank = self.adapters
         cols = {p: expert_proj_layout(p, self.hidden_size, self.intermediate_size)[2:] for p in projs}
-        slots, tensors = [], []
+        slots, pairs = [], []
         for expert in self.local_experts:
             mine = []
             for proj in projs:
-                lo, hi = cols[proj]
                 name = f"{expert}_{proj}"
                 if name not in bank.lora_A:
                     continue
                 A, B = bank.lora_A[name], bank.lora_B[name]
-                if bank.lori:
-                    B = B * getattr(bank, f"mask_{name}")
-                tensors += [A.to(dtype), B.to(dtype)]
-                mine.append(SlotAdapter(len(tensors) - 2, len(tensors) - 1, lo, hi, bank.config.scale(A.shape[0])))
+                pairs.append((A, B, getattr(bank, f"mask_{name}") if bank.lori else None))
+                mine.append(SlotAdapter(2 * len(pairs) - 2, 2 * len(pairs) - 1, *cols[proj], bank.config.scale(A.shape[0])))
             slots.append(mine)
-        return slots, tensors
+        return slots, pairs
 
     def compute_loop(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Per local expert, base GEMM with its LoRA added in place (moe_dist/moe/expert_loop.py)."""
