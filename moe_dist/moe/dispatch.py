@@ -82,19 +82,24 @@ def permute(rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> to
 
 class _GatherTokens(torch.autograd.Function):
     """The token row of every routed slot, in sent order: x[sort // K]. One gather from the T
-    token rows instead of copying each token K times and then permuting; backward gathers the
-    gradient back to token-major slots and sums each token's K of them (no scatter-add)."""
+    token rows instead of copying each token K times and then permuting; backward adds each
+    slot's gradient into its token row."""
 
     @staticmethod
     def forward(ctx, x_TD, sort_N, unsort_N, K):
-        ctx.save_for_backward(unsort_N)
+        token_N = torch.div(sort_N, K, rounding_mode="floor")
+        ctx.save_for_backward(unsort_N, token_N)
         ctx.K = K
-        return x_TD.index_select(0, torch.div(sort_N, K, rounding_mode="floor"))
+        return x_TD.index_select(0, token_N)
 
     @staticmethod
     def backward(ctx, g_ND):
-        (unsort_N,) = ctx.saved_tensors
+        unsort_N, token_N = ctx.saved_tensors
         N, D = g_ND.shape
+        if g_ND.device.type == "cpu" and g_ND.dtype in (torch.float32, torch.float64):
+            # CPU index_add_ is sequential (deterministic) and one pass; elsewhere it is atomic
+            # (GPU) or would round every add (bf16), so those gather and sum in fp32.
+            return g_ND.new_zeros(N // ctx.K, D).index_add_(0, token_N, g_ND), None, None, None
         return g_ND.index_select(0, unsort_N).view(N // ctx.K, ctx.K, D).sum(1), None, None, None
 
 
@@ -131,7 +136,7 @@ class _WeightedCombine(torch.autograd.Function):
             w_N1 = w_TK.to(dt).reshape(-1).index_select(0, sort_N).unsqueeze(1)
             grad_y = g_TD.index_select(0, token_N).mul_(w_N1).to(y_TKD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = (y_TKD.to(dt) * g_TD.unsqueeze(1)).sum(-1).to(w_TK.dtype)
+            grad_w = torch.linalg.vecdot(y_TKD.to(dt), g_TD.unsqueeze(1)).to(w_TK.dtype)
         return grad_y, grad_w, None, None
 
 
