@@ -121,6 +121,29 @@ def test_attention_lora_cpu_kernel_equals_plain_formula(bias):
     torch.testing.assert_close(lin.lora_A.grad, A.grad)
     torch.testing.assert_close(lin.lora_B.grad, B.grad)
 
+
+def test_fused_silu_glu_is_bit_identical_to_autograd():
+    """The SwiGLU with the one-buffer backward is taken for transformers' SiLU and gives
+    exactly autograd's output and gradient."""
+    from transformers.activations import ACT2FN
+
+    from moe_dist.moe.activation import gated_act
+
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(9, 2 * 6, generator=g)
+    up = torch.randn(9, 6, generator=g)
+    x = x0.clone().requires_grad_()
+    h = gated_act(x, ACT2FN["silu"])
+    assert "SiLUGLU" in type(h.grad_fn).__name__
+    x_ref = x0.clone().requires_grad_()
+    h_ref = torch.nn.functional.silu(x_ref[:, :6]) * x_ref[:, 6:]
+    assert torch.equal(h, h_ref)
+    (h * up).sum().backward()
+    (h_ref * up).sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    gelu = gated_act(x0, ACT2FN["gelu"])  # other activations: the plain path
+    assert torch.equal(gelu, ACT2FN["gelu"](x0[:, :6]) * x0[:, 6:])
+
 def test_rank_zero_expert_is_exactly_the_base_expert():
     """An expert without an adapter computes bit-identically to a model with no adapters,
     while its neighbours carry non-zero adapters."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from moe_dist.adapters.expert_bank import ExpertLoRABank, RankBucket
 from moe_dist.adapters.lora import LoRAConfig
+from moe_dist.moe.activation import gated_act
 from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from moe_dist.moe.expert_loop import ExpertLoopLinear, SlotAdapter
 from moe_dist.parallel.groups import ExpertGroups, mark_expert_param
@@ -263,8 +264,7 @@ class ExpertParallelExperts(MoE):
         x_MD = x_MD.to(self.gate_up_proj.dtype).contiguous()
         slots, tensors = self._loop_adapters(("gate_proj", "up_proj", "gate_up_proj"), x_MD.dtype)
         gate_up_M2F = ExpertLoopLinear.apply(x_MD, self.gate_up_proj, counts, slots, *tensors)
-        gate_MF, up_MF = gate_up_M2F.chunk(2, dim=-1)  # split, not slices: backward is one cat, no zero-fill
-        h_MF = self.act_fn(gate_MF) * up_MF
+        h_MF = gated_act(gate_up_M2F, self.act_fn)
         slots, tensors = self._loop_adapters(("down_proj",), h_MF.dtype)
         if self.anchor is not None:  # an input no adapter reads: its gradient is zero, at no cost
             tensors.append(self.anchor)
@@ -291,8 +291,7 @@ class ExpertParallelExperts(MoE):
             lo, hi = expert_proj_layout(bucket.proj, self.hidden_size, F)[2:]
             cols = slice(lo, hi)
             _lora_delta(*bank.stacked(bucket, x_MD.dtype), bucket, x_MD, gate_up_M2F[:, cols], starts, counts)
-        gate_MF, up_MF = gate_up_M2F.chunk(2, dim=-1)  # split, not slices: backward is one cat, no zero-fill
-        h_MF = self.act_fn(gate_MF) * up_MF
+        h_MF = gated_act(gate_up_M2F, self.act_fn)
         y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs_e)
         for bucket in bank.buckets["down_proj"]:
             _lora_delta(*bank.stacked(bucket, h_MF.dtype), bucket, h_MF, y_MD, starts, counts)
