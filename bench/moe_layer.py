@@ -10,7 +10,7 @@ variant with separate gate and up adapters (moe_dist's default) is reported besi
 Variants are interleaved round-robin so machine noise hits them alike; the figure is each
 variant's median tok/s over the baseline's median in the same run.
 
-    python bench/moe_layer.py [--rounds 5] [--out bench/results/moe_layer.json]
+    python bench/moe_layer.py [--rounds 11] [--out bench/results/moe_layer.json]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def build_moe_dist(experts_per_layer: int | None, targets: tuple[str, ...] = PEF
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
     args = ap.parse_args()
@@ -84,20 +84,26 @@ def main() -> None:
             times[name].append((time.perf_counter() - t0) / args.steps)
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     base = tps["baseline_peft_grouped_mm"]
+    # Per-round ratios (baseline and variant measured back to back): their spread shows how
+    # much of a figure is machine noise.
+    per_round = {k: [b / t for b, t in zip(times["baseline_peft_grouped_mm"], v)] for k, v in times.items()}
     result = {
         "shape": BENCH_SHAPE,
         "device": "cpu",
         "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
         "tokens_per_sec": tps,
+        "speedup_per_round_min_max": {k: [min(r), max(r)] for k, r in per_round.items()},
         "trainable_params": trainable,
         "speedup_all_experts": tps["moe_dist_all_experts"] / base,
         "speedup_hot10": tps["moe_dist_hot10"] / base,
         "speedup_all_experts_split_gate_up": tps["moe_dist_all_experts_split_gate_up"] / base,
         "speedup_attention_only": tps["moe_dist_attention_only"] / base,
     }
-    print(f"{'variant':<28}{'tok/s':>10}{'x baseline':>12}{'trainable':>12}")
+    print(f"{'variant':<36}{'tok/s':>8}{'x baseline':>12}{'rounds min-max':>16}{'trainable':>12}")
     for k in variants:
-        print(f"{k:<28}{tps[k]:>10.0f}{tps[k] / base:>12.2f}{trainable[k]:>12,}")
+        lo, hi = min(per_round[k]), max(per_round[k])
+        print(f"{k:<36}{tps[k]:>8.0f}{tps[k] / base:>12.2f}{f'{lo:.2f}-{hi:.2f}':>16}{trainable[k]:>12,}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

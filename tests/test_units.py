@@ -196,12 +196,20 @@ def test_lori_freezes_A_and_masks_B():
 
 
 @pytest.mark.parametrize("lori", [False, True])
-def test_cpu_expert_loop_equals_the_grouped_kernel(lori):
-    """The per-expert loop (CPU default) and the grouped-matmul path (GPU default) give the
-    same logits and the same gradient for every adapter, x and frozen-A included."""
+def test_cpu_expert_loop_equals_the_grouped_kernel(lori, monkeypatch):
+    """The per-expert loop (CPU default; compiled, with experts spread over 2 threads, and
+    its Python fallback) and the grouped-matmul path (GPU default) give the same logits and
+    the same gradient for every adapter, x and frozen-A included."""
+    import shutil
+
+    import moe_dist.moe.expert_loop as expert_loop
     from reference import set_b_values
     from test_parity_distributed import mixed_plan
     from moe_dist.moe.experts import ExpertParallelExperts
+
+    native = expert_loop.native_loop()
+    if shutil.which("c++") or shutil.which("g++"):
+        assert native is not None, "a C++ compiler is present but the CPU expert kernel did not build"
 
     hf = build_hf("qwen2_moe")
     plan = mixed_plan(hf.config)
@@ -214,19 +222,26 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(lori):
                 mask.copy_((torch.arange(mask.numel()).reshape(mask.shape) % 2 == 0).float())
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     results = {}
-    for kernel in ("grouped", "loop"):
+    threads = torch.get_num_threads()
+    for variant in ("grouped", "loop_python", "loop"):
         for m in model.modules():
             if isinstance(m, ExpertParallelExperts):
-                m.kernel = kernel
-        model.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, use_cache=False).logits
-        (logits.float() ** 2).mean().backward()
+                m.kernel = variant.split("_")[0]
+        monkeypatch.setattr(expert_loop, "_native_module", None if variant == "loop_python" else native)
+        torch.set_num_threads(2)  # the compiled loop spreads experts over threads (CI runs with 1)
+        try:
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=ids, use_cache=False).logits
+            (logits.float() ** 2).mean().backward()
+        finally:
+            torch.set_num_threads(threads)
         grads = {k: p.grad.clone() for k, p in adapter_params(model).items() if p.requires_grad}
-        results[kernel] = (logits.detach(), grads)
-    torch.testing.assert_close(results["loop"][0], results["grouped"][0], rtol=1e-5, atol=1e-5)
-    assert results["loop"][1].keys() == results["grouped"][1].keys()
-    for k, g in results["grouped"][1].items():
-        torch.testing.assert_close(results["loop"][1][k], g, rtol=1e-4, atol=1e-6, msg=k)
+        results[variant] = (logits.detach(), grads)
+    for variant in ("loop_python", "loop"):
+        torch.testing.assert_close(results[variant][0], results["grouped"][0], rtol=1e-5, atol=1e-5)
+        assert results[variant][1].keys() == results["grouped"][1].keys()
+        for k, g in results["grouped"][1].items():
+            torch.testing.assert_close(results[variant][1][k], g, rtol=1e-4, atol=1e-6, msg=f"{variant} {k}")
     assert any(g.abs().sum() > 0 for k, g in results["loop"][1].items() if ".experts." in k)
     # the loop keeps what backward needs in saved tensors: a retained graph backs up twice
     model.zero_grad(set_to_none=True)

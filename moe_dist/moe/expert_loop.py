@@ -11,13 +11,45 @@ y_e[:, cols] += s t B^T *in place* (addmm_), so no delta tensor exists; backward
 (grad_x_e = g_e W_e + s (g_e B) A in place, grad_A and grad_B per expert). Each adapter
 tensor is its own input, so its gradient lands on its Parameter with no stack or unbind.
 GPUs keep the grouped path (moe_dist/moe/experts.py), where grouped_mm is one kernel.
+
+The same loop also exists in C++ (csrc/expert_loop.cpp, built on first use with
+torch.utils.cpp_extension and cached): it spreads experts over the intra-op threads instead
+of running every small GEMM on all of them. Without a compiler (or with
+MOE_DIST_NATIVE_LOOP=0) the Python loop below runs; both compute the same products.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
+_native_module: object | None = None
+_native_tried = False
+
+
+def native_loop():
+    """The compiled loop, or None where it cannot be built (no compiler, or disabled)."""
+    global _native_module, _native_tried
+    if not _native_tried:
+        _native_tried = True
+        if os.environ.get("MOE_DIST_NATIVE_LOOP", "1") != "0":
+            try:
+                from torch.utils.cpp_extension import load
+
+                log.info("loading the CPU expert kernel (built once, cached by torch.utils.cpp_extension)")
+                _native_module = load(name="moe_dist_expert_loop",
+                                      sources=[str(Path(__file__).parent / "csrc" / "expert_loop.cpp")],
+                                      extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            except Exception as exc:  # no compiler, no ninja, ...: the Python loop is the same math
+                warnings.warn(f"moe_dist: compiled CPU expert loop unavailable ({type(exc).__name__}: {exc}); "
+                              "using the Python loop", stacklevel=2)
+    return _native_module
 
 
 @dataclass(frozen=True)
@@ -36,6 +68,15 @@ class ExpertLoopLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],
                 slot_adapters: list[list[SlotAdapter]], *adapters: torch.Tensor) -> torch.Tensor:
+        ctx.n_adapters, ctx.counts, ctx.slot_adapters = len(adapters), counts, slot_adapters
+        native = native_loop() if x_MI.device.type == "cpu" else None
+        ctx.native = native is not None
+        if native is not None:
+            entries = ctx.entries = _Entries(slot_adapters, adapters)
+            y_MO, *ts = native.loop_forward(x_MI, w_EOI, counts, entries.ptr, entries.A, entries.B,
+                                            entries.lo, entries.hi, entries.scale)
+            ctx.save_for_backward(x_MI, w_EOI, *adapters, *ts)
+            return y_MO
         M, O = x_MI.shape[0], w_EOI.shape[1]
         y_MO = x_MI.new_empty(M, O)
         ts: list[torch.Tensor] = []  # s * t^T = s A x_e^T of every adapter, in slot order
@@ -53,7 +94,6 @@ class ExpertLoopLinear(torch.autograd.Function):
                 y_nP.addmm_(tT_Rn.t(), adapters[ad.b].t())
                 ts.append(tT_Rn)
         ctx.save_for_backward(x_MI, w_EOI, *adapters, *ts)
-        ctx.n_adapters, ctx.counts, ctx.slot_adapters = len(adapters), counts, slot_adapters
         return y_MO
 
     @staticmethod
@@ -64,8 +104,17 @@ class ExpertLoopLinear(torch.autograd.Function):
         need = ctx.needs_input_grad[4:]
         g_MO = g_MO.contiguous()
         O = g_MO.shape[1]
-        grad_x = x_MI.new_empty(x_MI.shape) if need_x else None
         grads: list[torch.Tensor | None] = [None] * len(adapters)
+        if ctx.native:
+            e = ctx.entries
+            need_A, need_B = [need[i] for i in e.a], [need[i] for i in e.b]
+            grad_x, *rest = native_loop().loop_backward(x_MI, w_EOI, g_MO, ctx.counts, e.ptr, e.A, e.B, list(ts),
+                                                        e.lo, e.hi, e.scale, need_x, need_A, need_B)
+            n = len(e.a)
+            for j in range(n):
+                grads[e.a[j]], grads[e.b[j]] = rest[j], rest[n + j]
+            return (grad_x, None, None, None, *grads)
+        grad_x = x_MI.new_empty(x_MI.shape) if need_x else None
         zero = g_MO.new_zeros(())
         start = 0
         for slot, n in enumerate(ctx.counts):
@@ -89,3 +138,17 @@ class ExpertLoopLinear(torch.autograd.Function):
             if need[i] and grads[i] is None:
                 grads[i] = torch.zeros_like(p)
         return (grad_x, None, None, None, *grads)
+
+
+class _Entries:
+    """The adapters of all slots flattened for the compiled loop: slot s owns entries
+    ptr[s]:ptr[s+1]; a[j], b[j] index the adapter tensors."""
+
+    def __init__(self, slot_adapters: list[list[SlotAdapter]], adapters: tuple[torch.Tensor, ...]):
+        flat = [ad for slot in slot_adapters for ad in slot]
+        self.ptr = [0]
+        for slot in slot_adapters:
+            self.ptr.append(self.ptr[-1] + len(slot))
+        self.a, self.b = [ad.a for ad in flat], [ad.b for ad in flat]
+        self.A, self.B = [adapters[i] for i in self.a], [adapters[i] for i in self.b]
+        self.lo, self.hi, self.scale = [ad.lo for ad in flat], [ad.hi for ad in flat], [ad.scale for ad in flat]
