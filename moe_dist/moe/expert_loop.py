@@ -113,7 +113,7 @@ class ExpertLoopLinear(torch.autograd.Function):
             n = len(e.a)
             for j in range(n):
                 grads[e.a[j]], grads[e.b[j]] = rest[j], rest[n + j]
-            return (grad_x, None, None, None, *grads)
+            return (grad_x, None, None, None, *_fill_missing(grads, adapters, need))
         grad_x = x_MI.new_empty(x_MI.shape) if need_x else None
         zero = g_MO.new_zeros(())
         start = 0
@@ -134,10 +134,16 @@ class ExpertLoopLinear(torch.autograd.Function):
                     grads[ad.a] = torch.mm(uT_Rn, x_nI)
                 if need[ad.b]:
                     grads[ad.b] = torch.mm(tT_Rn, g_nP).t()
-        for i, p in enumerate(adapters):  # an expert that got no rows still needs a gradient
-            if need[i] and grads[i] is None:
-                grads[i] = torch.zeros_like(p)
-        return (grad_x, None, None, None, *grads)
+        return (grad_x, None, None, None, *_fill_missing(grads, adapters, need))
+
+
+def _fill_missing(grads: list, adapters: tuple[torch.Tensor, ...], need: tuple[bool, ...]) -> list:
+    """A trainable input no product touched (an expert that got no rows, the ZeRO anchor)
+    still gets a zero gradient: DeepSpeed's gradient hooks expect one."""
+    for i, p in enumerate(adapters):
+        if need[i] and grads[i] is None:
+            grads[i] = torch.zeros_like(p)
+    return grads
 
 
 class _Entries:
