@@ -72,9 +72,8 @@ class ExpertLoopLinear(torch.autograd.Function):
         native = native_loop() if x_MI.device.type == "cpu" else None
         ctx.native = native is not None
         if native is not None:
-            entries = ctx.entries = _Entries(slot_adapters, adapters)
-            y_MO, *ts = native.loop_forward(x_MI, w_EOI, counts, entries.ptr, entries.A, entries.B,
-                                            entries.lo, entries.hi, entries.scale)
+            e = ctx.entries = _Entries(slot_adapters)
+            y_MO, *ts = native.loop_forward(x_MI, w_EOI, counts, e.ptr, *e.tensors(adapters), e.lo, e.hi, e.scale)
             ctx.save_for_backward(x_MI, w_EOI, *adapters, *ts)
             return y_MO
         M, O = x_MI.shape[0], w_EOI.shape[1]
@@ -108,8 +107,8 @@ class ExpertLoopLinear(torch.autograd.Function):
         if ctx.native:
             e = ctx.entries
             need_A, need_B = [need[i] for i in e.a], [need[i] for i in e.b]
-            grad_x, *rest = native_loop().loop_backward(x_MI, w_EOI, g_MO, ctx.counts, e.ptr, e.A, e.B, list(ts),
-                                                        e.lo, e.hi, e.scale, need_x, need_A, need_B)
+            grad_x, *rest = native_loop().loop_backward(x_MI, w_EOI, g_MO, ctx.counts, e.ptr, *e.tensors(adapters),
+                                                        list(ts), e.lo, e.hi, e.scale, need_x, need_A, need_B)
             n = len(e.a)
             for j in range(n):
                 grads[e.a[j]], grads[e.b[j]] = rest[j], rest[n + j]
@@ -150,11 +149,14 @@ class _Entries:
     """The adapters of all slots flattened for the compiled loop: slot s owns entries
     ptr[s]:ptr[s+1]; a[j], b[j] index the adapter tensors."""
 
-    def __init__(self, slot_adapters: list[list[SlotAdapter]], adapters: tuple[torch.Tensor, ...]):
+    def __init__(self, slot_adapters: list[list[SlotAdapter]]):
         flat = [ad for slot in slot_adapters for ad in slot]
         self.ptr = [0]
         for slot in slot_adapters:
             self.ptr.append(self.ptr[-1] + len(slot))
         self.a, self.b = [ad.a for ad in flat], [ad.b for ad in flat]
-        self.A, self.B = [adapters[i] for i in self.a], [adapters[i] for i in self.b]
         self.lo, self.hi, self.scale = [ad.lo for ad in flat], [ad.hi for ad in flat], [ad.scale for ad in flat]
+
+    def tensors(self, adapters) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(A of each entry, B of each entry); in backward, from the saved tensors."""
+        return [adapters[i] for i in self.a], [adapters[i] for i in self.b]
