@@ -27,6 +27,7 @@ class DispatchMeta:
 
     unsort_N: torch.Tensor  # position of each routed slot (token-major) in the sent order
     sort_N: torch.Tensor  # its inverse: sent order -> token-major slot
+    token_N: torch.Tensor  # token of each slot in sent order (sort_N // top_k)
     input_splits: list[int]  # rows this rank sent to each EP rank
     output_splits: list[int]  # rows this rank received from each EP rank
     local_sort_M: torch.Tensor | None  # received rows -> local-expert-major order (None: identity)
@@ -86,8 +87,7 @@ class _GatherTokens(torch.autograd.Function):
     slot's gradient into its token row."""
 
     @staticmethod
-    def forward(ctx, x_TD, sort_N, unsort_N, K):
-        token_N = torch.div(sort_N, K, rounding_mode="floor")
+    def forward(ctx, x_TD, token_N, unsort_N, K):
         ctx.save_for_backward(unsort_N, token_N)
         ctx.K = K
         return x_TD.index_select(0, token_N)
@@ -103,10 +103,10 @@ class _GatherTokens(torch.autograd.Function):
         return g_ND.index_select(0, unsort_N).view(N // ctx.K, ctx.K, D).sum(1), None, None, None
 
 
-def gather_tokens(x_TD: torch.Tensor, sort_N: torch.Tensor, unsort_N: torch.Tensor, K: int) -> torch.Tensor:
-    """Rows for the N = T*K routed slots in sent order (slot i of the token-major order is
-    token i // K); `unsort_N` is the inverse of `sort_N`."""
-    return _GatherTokens.apply(x_TD, sort_N, unsort_N, K)
+def gather_tokens(x_TD: torch.Tensor, token_N: torch.Tensor, unsort_N: torch.Tensor, K: int) -> torch.Tensor:
+    """Rows for the N = T*K routed slots in sent order (`token_N` = sort // K); `unsort_N`
+    maps token-major slots to their position in sent order."""
+    return _GatherTokens.apply(x_TD, token_N, unsort_N, K)
 
 
 class _WeightedCombine(torch.autograd.Function):
@@ -116,33 +116,31 @@ class _WeightedCombine(torch.autograd.Function):
     (g[sort // K] * w[sort]) instead of materialising it token-major and permuting it."""
 
     @staticmethod
-    def forward(ctx, y_ND, w_TK, unsort_N, sort_N):
+    def forward(ctx, y_ND, w_TK, unsort_N, sort_N, token_N):
         T, K = w_TK.shape
         dt = torch.promote_types(y_ND.dtype, w_TK.dtype)
         y_TKD = y_ND.index_select(0, unsort_N).view(T, K, -1)
         out_TD = torch.bmm(w_TK.to(dt).unsqueeze(1), y_TKD.to(dt)).squeeze(1)
-        ctx.save_for_backward(y_TKD, w_TK, sort_N)
+        ctx.save_for_backward(y_TKD, w_TK, sort_N, token_N)
         return out_TD.to(y_ND.dtype)
 
     @staticmethod
     def backward(ctx, g_TD):
-        y_TKD, w_TK, sort_N = ctx.saved_tensors
-        K = w_TK.shape[1]
+        y_TKD, w_TK, sort_N, token_N = ctx.saved_tensors
         dt = torch.promote_types(y_TKD.dtype, w_TK.dtype)
         g_TD = g_TD.to(dt)
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            token_N = torch.div(sort_N, K, rounding_mode="floor")
             w_N1 = w_TK.to(dt).reshape(-1).index_select(0, sort_N).unsqueeze(1)
             grad_y = g_TD.index_select(0, token_N).mul_(w_N1).to(y_TKD.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = torch.linalg.vecdot(y_TKD.to(dt), g_TD.unsqueeze(1)).to(w_TK.dtype)
-        return grad_y, grad_w, None, None
+        return grad_y, grad_w, None, None, None
 
 
 def weighted_combine(y_ND: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
     """Expert outputs in sent order -> gate-weighted sum per token, in the rows' dtype."""
-    return _WeightedCombine.apply(y_ND, top_k_weights_TK, meta.unsort_N, meta.sort_N)
+    return _WeightedCombine.apply(y_ND, top_k_weights_TK, meta.unsort_N, meta.sort_N, meta.token_N)
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -173,10 +171,12 @@ class LocalDispatcher:
         sort_N = torch.argsort(slot_N, stable=True)
         tokens_per_expert = count_tokens_per_expert(slot_N, self.num_experts).tolist()  # the one host sync
         unsort_N = _inverse_permutation(sort_N)
-        x_ND = gather_tokens(x_TD, sort_N, unsort_N, K)
+        token_N = torch.div(sort_N, K, rounding_mode="floor")
+        x_ND = gather_tokens(x_TD, token_N, unsort_N, K)
         meta = DispatchMeta(
             unsort_N=unsort_N,
             sort_N=sort_N,
+            token_N=token_N,
             input_splits=[T * K],
             output_splits=[T * K],
             local_sort_M=None,
@@ -237,7 +237,8 @@ class AllToAllDispatcher:
         input_splits, output_splits, tokens_per_expert = host[:P], host[P : 2 * P], host[2 * P :]
         # exchange rows
         unsort_N = _inverse_permutation(sort_N)
-        x_ND = gather_tokens(x_TD, sort_N, unsort_N, K)
+        token_N = torch.div(sort_N, K, rounding_mode="floor")
+        x_ND = gather_tokens(x_TD, token_N, unsort_N, K)
         M = sum(output_splits)
         x_MD = exchange(x_ND, output_splits, input_splits, self.group)
         # local sort (no communication): rows arrive source-major, experts want expert-major
@@ -247,6 +248,7 @@ class AllToAllDispatcher:
         meta = DispatchMeta(
             unsort_N=unsort_N,
             sort_N=sort_N,
+            token_N=token_N,
             input_splits=input_splits,
             output_splits=output_splits,
             local_sort_M=local_sort_M,

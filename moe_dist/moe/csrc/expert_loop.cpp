@@ -49,6 +49,11 @@ void for_each_slot(const std::vector<int64_t>& counts, F&& body) {
   });
 }
 
+// The output columns adapter j adds to (the whole row unless gate and up are adapted apart).
+at::Tensor adapter_cols(const at::Tensor& rows, int64_t lo, int64_t hi) {
+  return hi - lo == rows.size(1) ? rows : rows.narrow(1, lo, hi - lo);
+}
+
 std::vector<int64_t> starts_of(const std::vector<int64_t>& counts) {
   std::vector<int64_t> starts(counts.size() + 1, 0);
   for (size_t i = 0; i < counts.size(); ++i) starts[i + 1] = starts[i] + counts[i];
@@ -75,8 +80,7 @@ std::vector<at::Tensor> loop_forward(const at::Tensor& x_MI, const at::Tensor& w
     at::mm_out(y_nO, x_nI, w_EOI[s].t());
     for (int64_t j = entry_ptr[s]; j < entry_ptr[s + 1]; ++j) {
       auto tT_Rn = at::addmm(zero, A[j], x_nI.t(), /*beta=*/0, /*alpha=*/scale[j]);
-      auto y_nP = (hi[j] - lo[j] == O) ? y_nO : y_nO.narrow(1, lo[j], hi[j] - lo[j]);
-      y_nP.addmm_(tT_Rn.t(), B[j].t());
+      adapter_cols(y_nO, lo[j], hi[j]).addmm_(tT_Rn.t(), B[j].t());
       out[1 + j] = tT_Rn;
     }
   });
@@ -90,7 +94,6 @@ std::vector<at::Tensor> loop_backward(const at::Tensor& x_MI, const at::Tensor& 
                                       const std::vector<at::Tensor>& tT, const std::vector<int64_t>& lo,
                                       const std::vector<int64_t>& hi, const std::vector<double>& scale,
                                       bool need_x, const std::vector<bool>& need_A, const std::vector<bool>& need_B) {
-  const int64_t O = w_EOI.size(1);
   const int64_t n_entries = static_cast<int64_t>(A.size());
   std::vector<at::Tensor> out(1 + 2 * n_entries);
   at::Tensor grad_x = need_x ? at::empty_like(x_MI) : at::Tensor();
@@ -106,7 +109,7 @@ std::vector<at::Tensor> loop_backward(const at::Tensor& x_MI, const at::Tensor& 
       at::mm_out(gx_nI, g_nO, w_EOI[s]);
     }
     for (int64_t j = entry_ptr[s]; j < entry_ptr[s + 1]; ++j) {
-      auto g_nP = (hi[j] - lo[j] == O) ? g_nO : g_nO.narrow(1, lo[j], hi[j] - lo[j]);
+      auto g_nP = adapter_cols(g_nO, lo[j], hi[j]);
       auto uT_Rn = at::addmm(zero, B[j].t(), g_nP.t(), /*beta=*/0, /*alpha=*/scale[j]);
       if (need_x) gx_nI.addmm_(uT_Rn.t(), A[j]);
       if (need_A[j]) out[1 + j] = at::mm(uT_Rn, x_nI);
