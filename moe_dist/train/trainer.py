@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.config import RunConfig
+from moe_dist.export.base import shape_summary
 from moe_dist.data.dataset import RowEncoder, encode_dataset, load_rows
 from moe_dist.data.packing import ShardedBatches
 from moe_dist.models.arch import UnsupportedModelError, arch_spec, expert_sizes, moe_layer_indices
@@ -265,7 +266,9 @@ class Trainer:
                  "data_position": self.batches.state_dict(), "ep_size": self.ep_size, "method": self.cfg.method,
                  "importance_LE": None if self.importance_LE is None else self.importance_LE.tolist(),
                  "placements": {str(l): list(p.owner) for l, p in current_placements(self.model).items()},
-                 "config": asdict(self.cfg)}
+                 "config": asdict(self.cfg),
+                 # where the base came from and its shape: export finds and checks its base by these
+                 "model_dir": str(Path(self.model_dir).resolve()), "base_shape": shape_summary(self.hf_config)}
         return ckpt.save_checkpoint(self.cfg.output_dir, self.step, self.engine, adapter_params(self.model), self.plan.to_json(),
                                     state, self._routing_tensors(), self.cfg.checkpoint.keep, self.lori_masks())
 

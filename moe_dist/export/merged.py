@@ -1,0 +1,136 @@
+"""`merged`: a complete HF checkpoint with every adapter folded in (W + s B A), written shard by
+shard from the base checkpoint's own shards, in the base's own layout and tensor names.
+
+Each base shard is streamed tensor by tensor into a shard of the same name (ShardWriter), so
+peak memory is about the largest single tensor plus one expert's delta, not a shard and never
+the model. Expert weights are recognised in both layouts transformers reads: the fused 3-D
+`model.layers.{l}.mlp.experts.gate_up_proj` / `down_proj` (E x 2F x D gate rows first, E x D x F)
+and the per-expert hub names (`model.layers.{l}.{block}.experts.{e}.{w1|gate_proj}.weight`, block
+`block_sparse_moe` for Mixtral). Every adapter of the plan must land on a tensor: one that finds
+none stops the export (the silent drop users meet elsewhere is an error here).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from moe_dist.export.base import BaseModel
+from moe_dist.export.safetensors_stream import DTYPE_NAMES, ShardWriter, read_tensor, tensor_specs
+from moe_dist.export.trained import ExportError, TrainedCheckpoint
+
+SKIP_FILES = re.compile(r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack)$")
+HALVES = {"gate_proj": ("gate_proj",), "up_proj": ("up_proj",), "gate_up_proj": ("gate_proj", "up_proj"),
+          "down_proj": ("down_proj",)}
+
+
+class _Merger:
+    """Knows which checkpoint tensors carry adapters and adds their deltas; records what it did."""
+
+    def __init__(self, ckpt: TrainedCheckpoint, base: BaseModel):
+        self.ckpt, self.base = ckpt, base
+        self.applied: set[tuple] = set()
+        spec = base.spec
+        self.fused = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+        self.per_expert = None
+        if spec is not None:
+            blocks = "|".join(sorted({re.escape(spec.hub_block), "mlp"}))
+            names = "|".join(re.escape(n) for n in spec.hub_expert_names)
+            self.per_expert = re.compile(rf"^model\.layers\.(\d+)\.(?:{blocks})\.experts\.(\d+)\.({names})\.weight$")
+        self.attention = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([A-Za-z0-9_]+)\.weight$")
+        self.expert_layers = set(ckpt.expert_layers())
+
+    def transform(self, name: str, W: torch.Tensor | None):
+        """W with its adapters merged (in fp32, cast back), or None if `name` has none.
+        With W=None only answers whether it would change."""
+        D, F = self.base.hidden, self.base.intermediate
+        if (m := self.fused.match(name)) and int(m.group(1)) in self.expert_layers:
+            layer, param = int(m.group(1)), m.group(2)
+            experts = sorted({e for (l, e, _p) in self.ckpt.plan.expert_ranks if l == layer})
+            todo = [(e, f) for e in experts if (f := self.ckpt.expert_factors(layer, e, param, D, F)) is not None]
+            if not todo:
+                return None
+            if W is None:
+                return True
+            for e, f in todo:  # one expert at a time: the fp32 copy is one expert's weight
+                W[e] = (W[e].float() + f.delta()).to(W.dtype)
+                self.applied.update((layer, e, h) for h in (("down_proj",) if param == "down_proj" else
+                                                            ("gate_proj", "up_proj")))
+            return W
+        if self.per_expert is not None and (m := self.per_expert.match(name)):
+            layer, expert, hub = int(m.group(1)), int(m.group(2)), m.group(3)
+            half = ("gate_proj", "up_proj", "down_proj")[self.base.spec.hub_expert_names.index(hub)]
+            f = self.ckpt.expert_factors(layer, expert, half, D, F) if layer in self.expert_layers else None
+            if f is None:
+                return None
+            if W is None:
+                return True
+            self.applied.add((layer, expert, half))
+            return (W.float() + f.delta()).to(W.dtype)
+        if m := self.attention.match(name):
+            layer, proj = int(m.group(1)), m.group(2)
+            f = self.ckpt.attention_factors(layer, proj)
+            if f is None:
+                return None
+            if W is None:
+                return True
+            if tuple(W.shape) != (f.B_OR.shape[0], f.A_RI.shape[1]):
+                raise ExportError(f"{name}: base weight {tuple(W.shape)}, adapter delta "
+                                  f"{(f.B_OR.shape[0], f.A_RI.shape[1])} ({self.ckpt.path})")
+            self.applied.add((layer, proj))
+            return (W.float() + f.delta()).to(W.dtype)
+        return None
+
+    def check_all_applied(self) -> None:
+        plan = self.ckpt.plan
+        want = {(l, e, h) for (l, e, p) in plan.expert_ranks for h in HALVES[p]} | set(plan.attention_ranks)
+        missing = sorted(want - self.applied, key=str)
+        if missing:
+            raise ExportError(f"{self.base.dir}: {len(missing)} adapters found no weight to merge into, e.g. "
+                              f"{missing[:3]} (a checkpoint layout this exporter does not know); nothing was written")
+
+
+def export_merged(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, dtype: torch.dtype | None = None) -> dict:
+    """Write the merged checkpoint into `out` (an empty staging dir). Returns counts."""
+    if getattr(base.config, "quantization_config", None):
+        raise ExportError(f"{base.dir}: a quantized base ({base.config.quantization_config.get('quant_method', '?')}) "
+                          "cannot be merged into; export --format peft instead")
+    merger = _Merger(ckpt, base)
+    weight_map, files = base.weight_files()
+    out_dtype = DTYPE_NAMES[dtype] if dtype is not None else None
+    total, changed = 0, 0
+    for src in files:
+        specs, meta = tensor_specs(src)
+        if out_dtype:
+            specs = {k: ((out_dtype if d in ("F32", "F16", "BF16", "F64") else d), s) for k, (d, s) in specs.items()}
+        writer = ShardWriter(out / src.name, specs, meta or {"format": "pt"})
+        for name in specs:
+            W = read_tensor(src, name)
+            merged = merger.transform(name, W)
+            if merged is not None:
+                changed += 1
+                W = merged
+            if dtype is not None and W.is_floating_point():
+                W = W.to(dtype)
+            writer.write(name, W)
+            total += W.numel() * W.element_size()
+            del W, merged
+        writer.close()
+    merger.check_all_applied()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for f in sorted(base.dir.iterdir()):
+        if f.is_file() and not SKIP_FILES.search(f.name):
+            shutil.copy2(f, out / f.name)
+    if dtype is not None:
+        cfg = json.loads((out / "config.json").read_text())
+        name = str(dtype).removeprefix("torch.")
+        cfg["dtype"] = name
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = name
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return {"tensors_merged": changed, "bytes": total, "shards": len(files)}
