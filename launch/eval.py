@@ -3,6 +3,11 @@
 EP size). The run's own config is read from the checkpoint; overrides change it (e.g.
 `data.eval=my_test.jsonl eval.samples=0`). Prints the result and writes it to
 output_dir/eval-step-N.json.
+
+Also evaluates what an export wrote, in one process through plain transformers `generate`:
+`--model MERGED_DIR`, `--adapter PEFT_DIR` (on the base it names, or on `--model`), or
+`--adapter MOE_DIST_DIR` (launch/export.py --format moe_dist: load_for_inference). The eval
+data comes from the export's record of the run (moe_dist_export.json) unless overridden.
 """
 
 from __future__ import annotations
@@ -21,9 +26,15 @@ from moe_dist.config import ConfigError, config_from_dict  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a step-N directory under output_dir/checkpoints")
+    parser.add_argument("--checkpoint", default=None, help="a step-N directory under output_dir/checkpoints")
+    parser.add_argument("--model", default=None, help="an exported merged dir (or the base of --adapter)")
+    parser.add_argument("--adapter", default=None, help="an exported PEFT or moe_dist adapter dir")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
+    if args.checkpoint is None:
+        if args.model is None and args.adapter is None:
+            parser.error("give --checkpoint, or --model and/or --adapter")
+        return eval_export(args.model, args.adapter, overrides)
     single_process_env_if_unlaunched()
     from moe_dist.train.checkpoint import ResumeError, read_trainer_state, resolve_resume
 
@@ -69,6 +80,33 @@ def main(argv: list[str] | None = None) -> dict:
         out.write_text(json.dumps(result, indent=2))
         print(f"exact match {result['accuracy']:.3f} ({result['correct']}/{result['total']}) on {cfg.data.eval} "
               f"split {cfg.data.eval_split}; written to {out}")
+    return result
+
+
+def eval_export(model: str | None, adapter: str | None, overrides: list[str]) -> dict:
+    """Exact match of an exported model, one process, plain transformers (+ PEFT) generate."""
+    from moe_dist.export import ExportError
+    from moe_dist.export.use import export_info, load_exported
+    from moe_dist.train.evaluate import generate_exact_match
+    from moe_dist.train.trainer import load_eval_set
+
+    info = export_info(adapter, model)
+    try:
+        cfg = config_from_dict(info["config"], overrides) if info else config_from_dict({}, overrides)
+    except ConfigError as exc:
+        sys.exit(f"eval error: {exc}")
+    try:
+        hf, tokenizer = load_exported(model, adapter)
+    except (ExportError, OSError) as exc:
+        sys.exit(f"eval error: {exc}")
+    data_dir = Path(info.get("base_model_dir") or model or ".")  # the embedded task lives beside its base
+    eval_set = load_eval_set(cfg, tokenizer, data_dir)
+    if eval_set is None:
+        sys.exit("eval error: data.eval is empty; name a held-out dataset")
+    result = generate_exact_match(hf, tokenizer, *eval_set, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    result.update(model=model, adapter=adapter, step=info.get("step"))
+    print(f"exact match {result['accuracy']:.3f} ({result['correct']}/{result['total']}) on {cfg.data.eval} split "
+          f"{cfg.data.eval_split} ({model or ''} {adapter or ''})")
     return result
 
 

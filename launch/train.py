@@ -97,6 +97,12 @@ def run(cfg: RunConfig) -> dict:
     trainer.setup()
     summary = trainer.run()
     trainer.engine.destroy()
+    if cfg.export.formats and torch.distributed.get_rank() == 0:  # one process, from the final checkpoint
+        from moe_dist.export import export
+
+        root = Path(cfg.export.dir or Path(cfg.output_dir) / "export")
+        summary["exports"] = [export(summary["checkpoint"], fmt, root / fmt, dtype=cfg.export.dtype,
+                                     replace_previous=True) for fmt in cfg.export.formats]
     return summary
 
 

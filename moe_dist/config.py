@@ -7,6 +7,7 @@ and are raised before any process group is created.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -126,6 +127,15 @@ class EpngSection:
 
 
 @dataclass
+class ExportSection:
+    """Export the final checkpoint when training ends (launch/export.py does it for any checkpoint)."""
+
+    formats: list[str] = field(default_factory=list)  # any of merged, peft, vllm, moe_dist
+    dir: str = ""  # default: output_dir/export; each format goes to dir/<format>
+    dtype: str = ""  # merged weights' dtype: "" (the base's), bf16, fp16, fp32
+
+
+@dataclass
 class RepartitionSection:
     """Where experts live across expert-parallel ranks (moe_dist/parallel/balance.py and
     moe_dist/train/repartition.py). Nothing to do at ep_size 1."""
@@ -157,6 +167,7 @@ class RunConfig:
     hellori: HelloriSection = field(default_factory=HelloriSection)
     dmep: DmepSection = field(default_factory=DmepSection)
     repartition: RepartitionSection = field(default_factory=RepartitionSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
         """Impossible combinations, named by key, before any process-group work."""
@@ -229,6 +240,16 @@ class RunConfig:
             raise ConfigError("repartition.every and repartition.force_step must be >= 0")
         if r.threshold < 1:
             raise ConfigError(f"repartition.threshold is a max/mean ratio, >= 1; got {r.threshold}")
+        from moe_dist.export import DTYPES, FORMATS, refusal
+
+        for fmt in self.export.formats:
+            if fmt not in FORMATS:
+                raise ConfigError(f"export.formats: {fmt!r} is not one of {FORMATS}")
+            why = refusal(fmt, self.method == "dmep")
+            if why:
+                raise ConfigError(f"export.formats: {why}")
+        if self.export.dtype not in DTYPES:
+            raise ConfigError(f"export.dtype: {self.export.dtype!r} is not one of {sorted(k for k in DTYPES if k)}")
         if not Path(self.ds_config).is_file():
             raise ConfigError(f"ds_config: no such file {self.ds_config!r}")
 
@@ -237,6 +258,14 @@ METHODS = ("lora", "hellora", "hellori", "epng", "dmep")
 
 
 def _coerce(value: Any, typ: type, key: str) -> Any:
+    if typing.get_origin(typ) is list:  # a YAML list, or on the command line `[a,b]` / `a,b`
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = parsed or []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_coerce(v, item, key) for v in value]
     if typ is bool and isinstance(value, str):
         if value.lower() in ("1", "true", "yes"):
             return True

@@ -17,16 +17,7 @@ import torch
 from moe_dist.train.checkpoint import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
-PRETRAIN_STEPS = 20  # a quick embedded build; the default recipe uses the full one
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    from moe_dist.models.embedded import ensure_embedded_model
-
-    cache = tmp_path_factory.mktemp("cache")
-    ensure_embedded_model(cache, 0, PRETRAIN_STEPS)
-    return cache
+from conftest import PRETRAIN_STEPS
 
 
 def _args(out: Path, cache: Path, *extra: str) -> list[str]:

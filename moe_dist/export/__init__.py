@@ -41,14 +41,15 @@ def refusal(fmt: str, method_has_lora_moe: bool) -> str | None:
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path, base: str | None = None, dtype: str = "",
-           log=print) -> dict:
-    """Export one checkpoint to one format. Returns what was written (and how long it took)."""
+           log=print, replace_previous: bool = False) -> dict:
+    """Export one checkpoint to one format. Returns what was written (and how long it took).
+    `out` must be new or empty (or, with `replace_previous`, hold an earlier export)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not one of {FORMATS}")
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {sorted(k for k in DTYPES if k)}")
     out = Path(out)
-    check_output_dir(out)
+    check_output_dir(out, replace_previous)
     t0 = time.perf_counter()
     ckpt = TrainedCheckpoint(checkpoint)
     why = refusal(fmt, bool(ckpt.plan.lora_moe))
@@ -60,7 +61,7 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, base: str | None =
     base_name = base or ckpt.config.model
     if base_name.startswith("embedded:"):
         base_name = str(base_dir.resolve())
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace_previous) as tmp:
         if fmt == "merged":
             from moe_dist.export.merged import export_merged
 

@@ -51,11 +51,11 @@ def merge_into(model: nn.Module, ckpt: TrainedCheckpoint, base: BaseModel) -> in
             for e in range(base.num_experts):
                 f = ckpt.expert_factors(layer, e, param, base.hidden, base.intermediate)
                 if f is not None:
-                    W[e] += f.delta().to(W.dtype)
+                    W[e] = (W[e].double() + f.delta()).to(W.dtype)
                     changed += 1
     for (layer, proj) in ckpt.plan.attention_ranks:
         linear = getattr(layers[layer].self_attn, proj)
-        linear.weight += ckpt.attention_factors(layer, proj).delta().to(linear.weight.dtype)
+        linear.weight.copy_(linear.weight.double() + ckpt.attention_factors(layer, proj).delta())
         changed += 1
     return changed
 

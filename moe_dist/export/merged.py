@@ -45,7 +45,7 @@ class _Merger:
         self.expert_layers = set(ckpt.expert_layers())
 
     def transform(self, name: str, W: torch.Tensor | None):
-        """W with its adapters merged (in fp32, cast back), or None if `name` has none.
+        """W with its adapters merged (in fp64, rounded once to W's dtype), or None if `name` has none.
         With W=None only answers whether it would change."""
         D, F = self.base.hidden, self.base.intermediate
         if (m := self.fused.match(name)) and int(m.group(1)) in self.expert_layers:
@@ -57,7 +57,7 @@ class _Merger:
             if W is None:
                 return True
             for e, f in todo:  # one expert at a time: the fp32 copy is one expert's weight
-                W[e] = (W[e].float() + f.delta()).to(W.dtype)
+                W[e] = (W[e].double() + f.delta()).to(W.dtype)
                 self.applied.update((layer, e, h) for h in (("down_proj",) if param == "down_proj" else
                                                             ("gate_proj", "up_proj")))
             return W
@@ -70,7 +70,7 @@ class _Merger:
             if W is None:
                 return True
             self.applied.add((layer, expert, half))
-            return (W.float() + f.delta()).to(W.dtype)
+            return (W.double() + f.delta()).to(W.dtype)
         if m := self.attention.match(name):
             layer, proj = int(m.group(1)), m.group(2)
             f = self.ckpt.attention_factors(layer, proj)
@@ -82,7 +82,7 @@ class _Merger:
                 raise ExportError(f"{name}: base weight {tuple(W.shape)}, adapter delta "
                                   f"{(f.B_OR.shape[0], f.A_RI.shape[1])} ({self.ckpt.path})")
             self.applied.add((layer, proj))
-            return (W.float() + f.delta()).to(W.dtype)
+            return (W.double() + f.delta()).to(W.dtype)
         return None
 
     def check_all_applied(self) -> None:

@@ -45,7 +45,8 @@ class Factors:
         return self.A_RI.shape[0]
 
     def delta(self) -> torch.Tensor:
-        return self.B_OR @ self.A_RI
+        """In float64: W + delta is then rounded once, to the weight's dtype."""
+        return self.B_OR.double() @ self.A_RI.double()
 
 
 def _json(path: Path) -> dict:

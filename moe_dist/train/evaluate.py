@@ -69,3 +69,30 @@ def exact_match(model, tokenizer, prompts: list[list[int]], references: list[str
         dist.all_reduce(counts)
     return {"accuracy": (counts[0] / counts[1]).item(), "correct": int(counts[0]), "total": int(counts[1]),
             "samples": samples}
+
+
+@torch.no_grad()
+def generate_exact_match(model, tokenizer, prompts: list[list[int]], references: list[str], max_new_tokens: int,
+                         batch_size: int) -> dict:
+    """The same measure through plain transformers `generate` (greedy, left-padded batches), for
+    exported models in one process: what a user of the merged / PEFT model would run."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    model.eval()
+    correct, samples = 0, []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        width = max(len(p) for p in batch)
+        ids_BL = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+        mask_BL = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        out_BN = model.generate(input_ids=ids_BL, attention_mask=mask_BL, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+        for i, row in enumerate(out_BN[:, width:].tolist()):
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            ok = text == references[start + i].strip()
+            correct += int(ok)
+            if len(samples) < 3:
+                samples.append({"reference": references[start + i], "generated": text})
+    return {"accuracy": correct / max(1, len(prompts)), "correct": correct, "total": len(prompts), "samples": samples}
