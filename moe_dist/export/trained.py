@@ -58,12 +58,26 @@ def _json(path: Path) -> dict:
         raise ExportError(f"{path}: not valid JSON ({exc})") from None
 
 
+def newest_checkpoint_under(path: Path) -> Path:
+    """A checkpoint dir as is; a run's output_dir or its checkpoints/ dir -> its newest complete
+    checkpoint (what `checkpoint.resume=auto` would take)."""
+    from moe_dist.train.checkpoint import complete_checkpoints
+
+    if not path.is_dir() or any((path / f).is_file() for f in (STATE_FILE, NATIVE_FILE)):
+        return path
+    for root in (path / "checkpoints", path):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1][1]
+    return path
+
+
 class TrainedCheckpoint:
     """One `step-N` directory (or a `--format moe_dist` export of one): plan, run config,
     adapter tensors by logical key."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = newest_checkpoint_under(Path(path))
         if not self.path.is_dir():
             raise ExportError(f"checkpoint {self.path}: no such directory")
         state_file = next((self.path / f for f in (STATE_FILE, NATIVE_FILE) if (self.path / f).is_file()), None)
