@@ -189,16 +189,15 @@ class TrainedCheckpoint:
             f = self.projection_factors(layer, expert, proj)
             if f is None:
                 continue
-            _, _, lo, hi = expert_proj_layout(proj, hidden, intermediate)
-            lo, hi = max(lo, t_lo), min(hi, t_hi)
-            if lo >= hi:
-                continue
-            p_lo = expert_proj_layout(proj, hidden, intermediate)[2]
-            if f.A_RI.shape[1] != t_in or f.B_OR.shape[0] != expert_proj_layout(proj, hidden, intermediate)[1]:
+            p_in, p_out, p_lo, p_hi = expert_proj_layout(proj, hidden, intermediate)
+            if f.A_RI.shape[1] != p_in or f.B_OR.shape[0] != p_out:
                 raise ExportError(
                     f"{self.path}: layer {layer} expert {expert} {proj} adapter is {tuple(f.B_OR.shape)} @ "
-                    f"{tuple(f.A_RI.shape)}, the base model's expert (hidden {hidden}, intermediate {intermediate}) "
-                    f"needs in-features {t_in} and out-features {expert_proj_layout(proj, hidden, intermediate)[1]}")
+                    f"{tuple(f.A_RI.shape)}; the base model's experts (hidden_size {hidden}, expert intermediate size "
+                    f"{intermediate}) need in-features {p_in} and out-features {p_out} (wrong --base?)")
+            lo, hi = max(p_lo, t_lo), min(p_hi, t_hi)
+            if lo >= hi:
+                continue
             B_rows = torch.zeros(t_out, f.rank)
             B_rows[lo - t_lo:hi - t_lo] = f.B_OR[lo - p_lo:hi - p_lo]
             pieces.append(Factors(B_rows, f.A_RI))
