@@ -29,7 +29,7 @@ def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moe_dist.models.arch import expert_sizes, moe_layer_indices
+    from moe_dist.models.arch import arch_spec, expert_sizes, moe_layer_indices
     from moe_dist.plan import expert_proj_layout
     from moe_dist.train.trainer import build_plan, is_moe
 
@@ -41,9 +41,10 @@ def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, 
     ep = cfg.ep_size or world
     plan = build_plan(cfg, hf_config)
     D = hf_config.hidden_size
+    spec = arch_spec(hf_config) if is_moe(hf_config) else None
     dense_adapters = 0
     for (layer, proj), r in plan.attention_ranks.items():
-        lin = getattr(model.model.layers[layer].self_attn, proj)
+        lin = getattr(getattr(model.model.layers[layer], spec.attention_module(layer)), proj)
         dense_adapters += r * (lin.in_features + lin.out_features)
     for (layer, path), experts in plan.lora_moe.items():
         lin = model.model.layers[layer].get_submodule(path)

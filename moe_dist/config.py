@@ -26,13 +26,19 @@ class LoRASection:
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False
-    attention: bool = True  # LoRA on q,k,v,o too
+    attention: bool = True  # LoRA on the attention projections too
+    # Which attention projections: "" = the architecture's default (q,k,v,o; DeepSeek's MLA
+    # q_a/q_b/kv_a/kv_b/o; ...), or comma-separated names, taken in every layer that has them.
+    attention_targets: str = ""
     # Expert projections that get adapters: gate_proj,up_proj,down_proj (one adapter each) or
     # gate_up_proj,down_proj (one adapter on the fused gate|up weight, as PEFT's target_parameters).
     expert_targets: str = "gate_proj,up_proj,down_proj"
 
     def expert_target_list(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.expert_targets.split(",") if t.strip())
+
+    def attention_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.attention_targets.split(",") if t.strip())
 
 
 @dataclass

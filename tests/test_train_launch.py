@@ -120,12 +120,12 @@ def test_bad_dataset_names_the_file(tmp_path, cache_dir):
     assert proc.returncode != 0 and "missing.jsonl" in proc.stderr and "[rank 0] FAILED" in proc.stderr
 
 
-def test_unsupported_model_lists_the_supported(tmp_path, cache_dir):
+def test_dense_model_under_a_moe_method_says_why(tmp_path, cache_dir):
     model = tmp_path / "llama"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     proc = _python(_args(tmp_path / "o", cache_dir, f"model={model}"))
-    assert proc.returncode != 0 and "llama" in proc.stderr and "mixtral" in proc.stderr
+    assert proc.returncode != 0 and "llama" in proc.stderr and "no MoE block" in proc.stderr and "dmep" in proc.stderr
 
 
 def test_hellori_keeps_A_frozen_and_B_inside_its_mask(tmp_path, cache_dir):

@@ -169,11 +169,11 @@ def test_rank_zero_expert_is_exactly_the_base_expert():
         assert not torch.allclose(a2, b2)
 
 
-def test_unsupported_model_lists_supported():
+def test_unsupported_model_says_why():
     from transformers import LlamaConfig
 
-    with pytest.raises(UnsupportedModelError, match="llama.*supported.*mixtral.*olmoe"):
-        arch_spec(LlamaConfig())
+    with pytest.raises(UnsupportedModelError, match="llama.*no MoE block.*dmep"):
+        arch_spec(LlamaConfig(num_hidden_layers=2))
 
 
 def test_lori_freezes_A_and_masks_B():

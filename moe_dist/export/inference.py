@@ -54,7 +54,7 @@ def merge_into(model: nn.Module, ckpt: TrainedCheckpoint, base: BaseModel) -> in
                     W[e] = (W[e].double() + f.delta()).to(W.dtype)
                     changed += 1
     for (layer, proj) in ckpt.plan.attention_ranks:
-        linear = getattr(layers[layer].self_attn, proj)
+        linear = getattr(getattr(layers[layer], base.spec.attention_module(layer) if base.spec else "self_attn"), proj)
         linear.weight.copy_(linear.weight.double() + ckpt.attention_factors(layer, proj).delta())
         changed += 1
     return changed

@@ -4,9 +4,9 @@ shard from the base checkpoint's own shards, in the base's own layout and tensor
 Each base shard is streamed tensor by tensor into a shard of the same name (ShardWriter), so
 peak memory is about the largest single tensor plus one expert's delta, not a shard and never
 the model. Expert weights are recognised in both layouts transformers reads: the fused 3-D
-`model.layers.{l}.mlp.experts.gate_up_proj` / `down_proj` (E x 2F x D gate rows first, E x D x F)
-and the per-expert hub names (`model.layers.{l}.{block}.experts.{e}.{w1|gate_proj}.weight`, block
-`block_sparse_moe` for Mixtral). Every adapter of the plan must land on a tensor: one that finds
+`...experts.gate_up_proj` / `down_proj` (E x 2F x D gate rows first, E x D x F) and the
+per-expert hub names (`model.layers.{l}.{block}.experts.{e}.{w1|gate_proj}.weight`, block
+`block_sparse_moe` for Mixtral), as transformers' conversion mapping names them. Every adapter of the plan must land on a tensor: one that finds
 none stops the export (the silent drop users meet elsewhere is an error here).
 """
 
@@ -29,61 +29,62 @@ HALVES = {"gate_proj": ("gate_proj",), "up_proj": ("up_proj",), "gate_up_proj": 
 
 
 class _Merger:
-    """Knows which checkpoint tensors carry adapters and adds their deltas; records what it did."""
+    """Knows which checkpoint tensors carry adapters and adds their deltas; records what it did.
+
+    The checkpoint names come from the architecture (moe_dist.models.arch): each model tensor's
+    own name and the names transformers' conversion mapping renames from, so both the fused
+    and the per-expert hub layouts are recognised by lookup, not by pattern."""
 
     def __init__(self, ckpt: TrainedCheckpoint, base: BaseModel):
         self.ckpt, self.base = ckpt, base
         self.applied: set[tuple] = set()
+        self.targets: dict[str, tuple] = {}
         spec = base.spec
-        self.fused = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-        self.per_expert = None
-        if spec is not None:
-            blocks = "|".join(sorted({re.escape(spec.hub_block), "mlp"}))
-            names = "|".join(re.escape(n) for n in spec.hub_expert_names)
-            self.per_expert = re.compile(rf"^model\.layers\.(\d+)\.(?:{blocks})\.experts\.(\d+)\.({names})\.weight$")
-        self.attention = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([A-Za-z0-9_]+)\.weight$")
-        self.expert_layers = set(ckpt.expert_layers())
+        halves = ("gate_proj", "up_proj", "down_proj")
+        for layer in ckpt.expert_layers():
+            path = spec.experts_path(layer)
+            for param in ("gate_up_proj", "down_proj"):
+                for key in spec.hub.checkpoint_candidates(f"{path}.{param}"):
+                    self.targets[key] = ("fused", layer, param)
+            for e in range(base.num_experts):
+                for half, name in zip(halves, spec.hub_expert_names):
+                    for key in spec.hub.checkpoint_candidates(f"{path}.{e}.{name}.weight"):
+                        self.targets[key] = ("expert", layer, e, half)
+        for (layer, proj) in ckpt.plan.attention_ranks:
+            attr = spec.attention_module(layer) if spec is not None else "self_attn"
+            for key in (spec.hub.checkpoint_candidates(f"model.layers.{layer}.{attr}.{proj}.weight") if spec is not None
+                        else [f"model.layers.{layer}.{attr}.{proj}.weight"]):
+                self.targets[key] = ("attention", layer, proj)
 
-    def transform(self, name: str, W: torch.Tensor | None):
-        """W with its adapters merged (in fp64, rounded once to W's dtype), or None if `name` has none.
-        With W=None only answers whether it would change."""
+    def transform(self, name: str, W: torch.Tensor) -> torch.Tensor | None:
+        """W with its adapters merged (in fp64, rounded once to W's dtype), or None if `name`
+        carries none."""
+        target = self.targets.get(name)
+        if target is None:
+            return None
         D, F = self.base.hidden, self.base.intermediate
-        if (m := self.fused.match(name)) and int(m.group(1)) in self.expert_layers:
-            layer, param = int(m.group(1)), m.group(2)
-            experts = sorted({e for (l, e, _p) in self.ckpt.plan.expert_ranks if l == layer})
-            todo = [(e, f) for e in experts if (f := self.ckpt.expert_factors(layer, e, param, D, F)) is not None]
-            if not todo:
-                return None
-            if W is None:
-                return True
-            for e, f in todo:  # one expert at a time: the fp32 copy is one expert's weight
+        kind, layer = target[0], target[1]
+        if kind == "fused":
+            param = target[2]
+            todo = [(e, f) for e in range(self.base.num_experts)
+                    if (f := self.ckpt.expert_factors(layer, e, param, D, F)) is not None]
+            for e, f in todo:  # one expert at a time: the fp64 copy is one expert's weight
                 W[e] = (W[e].double() + f.delta()).to(W.dtype)
                 self.applied.update((layer, e, h) for h in (("down_proj",) if param == "down_proj" else
                                                             ("gate_proj", "up_proj")))
-            return W
-        if self.per_expert is not None and (m := self.per_expert.match(name)):
-            layer, expert, hub = int(m.group(1)), int(m.group(2)), m.group(3)
-            half = ("gate_proj", "up_proj", "down_proj")[self.base.spec.hub_expert_names.index(hub)]
-            f = self.ckpt.expert_factors(layer, expert, half, D, F) if layer in self.expert_layers else None
+            return W if todo else None
+        if kind == "expert":
+            f = self.ckpt.expert_factors(layer, target[2], target[3], D, F)
             if f is None:
                 return None
-            if W is None:
-                return True
-            self.applied.add((layer, expert, half))
+            self.applied.add((layer, target[2], target[3]))
             return (W.double() + f.delta()).to(W.dtype)
-        if m := self.attention.match(name):
-            layer, proj = int(m.group(1)), m.group(2)
-            f = self.ckpt.attention_factors(layer, proj)
-            if f is None:
-                return None
-            if W is None:
-                return True
-            if tuple(W.shape) != (f.B_OR.shape[0], f.A_RI.shape[1]):
-                raise ExportError(f"{name}: base weight {tuple(W.shape)}, adapter delta "
-                                  f"{(f.B_OR.shape[0], f.A_RI.shape[1])} ({self.ckpt.path})")
-            self.applied.add((layer, proj))
-            return (W.double() + f.delta()).to(W.dtype)
-        return None
+        f = self.ckpt.attention_factors(layer, target[2])
+        if tuple(W.shape) != (f.B_OR.shape[0], f.A_RI.shape[1]):
+            raise ExportError(f"{name}: base weight {tuple(W.shape)}, adapter delta "
+                              f"{(f.B_OR.shape[0], f.A_RI.shape[1])} ({self.ckpt.path})")
+        self.applied.add((layer, target[2]))
+        return (W.double() + f.delta()).to(W.dtype)
 
     def check_all_applied(self) -> None:
         plan = self.ckpt.plan

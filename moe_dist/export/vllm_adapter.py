@@ -70,7 +70,8 @@ def export_vllm(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: 
                         lambda k=(layer, e, half): ckpt.expert_factors(*k, D, F)))
     for (layer, proj) in ckpt.plan.attention_ranks:
         f = ckpt.attention_factors(layer, proj)  # attention adapters are small: read for their shape
-        entries.append((f"{PREFIX}model.layers.{layer}.self_attn.{proj}", (f.B_OR.shape[0], f.A_RI.shape[1]),
+        attr = base.spec.attention_module(layer)
+        entries.append((f"{PREFIX}model.layers.{layer}.{attr}.{proj}", (f.B_OR.shape[0], f.A_RI.shape[1]),
                         lambda f=f: f))
     specs = {}
     for key, (out_f, in_f), _ in entries:

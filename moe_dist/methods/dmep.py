@@ -29,12 +29,17 @@ from moe_dist.plan import ATTENTION_PROJECTIONS, AdapterPlan
 DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def dmep_targets(num_layers: int, dense: bool, targets: str = "auto") -> list[tuple[int, str]]:
-    if targets == "auto":
-        paths = [f"self_attn.{p}" for p in ATTENTION_PROJECTIONS] + (list(DENSE_MLP) if dense else [])
-    else:
+def dmep_targets(num_layers: int, dense: bool, targets: str = "auto",
+                 attention: dict[int, list[str]] | None = None) -> list[tuple[int, str]]:
+    """(layer, module path) of every LoRA-MoE. `attention`: the MoE architecture's attention
+    paths per layer (moe_dist.models.arch.attention_targets); dense models use q,k,v,o."""
+    if targets != "auto":
         paths = [t.strip() for t in targets.split(",") if t.strip()]
-    return [(layer, path) for layer in range(num_layers) for path in paths]
+        return [(layer, path) for layer in range(num_layers) for path in paths]
+    if attention is None:
+        attention = {layer: [f"self_attn.{p}" for p in ATTENTION_PROJECTIONS] for layer in range(num_layers)}
+    mlp = list(DENSE_MLP) if dense else []
+    return [(layer, path) for layer in range(num_layers) for path in attention.get(layer, []) + mlp]
 
 
 def initial_plan(targets: list[tuple[int, str]], num_experts: int, rank: int, top_k: int) -> AdapterPlan:

@@ -1,47 +1,40 @@
-"""Per-architecture knowledge, as one table.
+"""What moe_dist needs to know about an architecture, derived from the model itself.
 
-transformers v5 gives every supported MoE the same experts interface (3-D `gate_up_proj`
-E x 2F x D with gate first, `down_proj` E x D x F, forward(hidden, top_k_index,
-top_k_weights)), so an architecture is described by a few names: where its MoE blocks and
-experts are, the config fields for sizes, the per-expert names of hub checkpoints, and how
-its router scores experts.
+transformers 5 gives most MoE models one experts contract (`@use_experts_implementation`:
+`gate_up_proj` E x 2F x D with gate rows first, `down_proj` E x D x F, SwiGLU-style `act_fn`,
+`forward(hidden, top_k_index, top_k_weights)`, router and shared experts outside the module).
+A model type is supported when its experts modules follow that contract: the description is
+read off a meta-device instance of the model (no memory) — where the MoE blocks are, the
+sizes, which decoder layers are MoE, the attention projections of every layer — and the
+per-expert names of hub checkpoints come from transformers' own conversion mapping
+(`transformers.conversion_mapping`). What cannot be derived lives in `QUIRKS`, and every
+model type that is refused says why (`UnsupportedModelError`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import re
+from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
+# Attention projections LoRA targets by default, when a layer's attention module has them
+# (q,k,v,o; DeepSeek's MLA; fused qkv). A module with none of these takes all its linears.
+DEFAULT_ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                           "kv_b_proj", "qkv_proj", "query_key_value", "dense")
+# Where decoder layers keep their softmax attention; linear-attention / SSM mixers (Qwen3-Next's
+# `linear_attn`, Mamba `mixer`) are not under these names and get no attention LoRA.
+ATTENTION_ATTRS = ("self_attn", "attention", "self_attention", "attn")
+NUM_EXPERTS_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+INTERMEDIATE_FIELDS = ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "num_experts_per_token", "top_k", "moe_topk")
 
-@dataclass(frozen=True)
-class ArchSpec:
-    model_type: str
-    experts_class: str  # transformers class of block.experts that we replace
-    num_experts_attr: str
-    intermediate_attr: str
-    top_k_attr: str
-    router_scores: str  # "softmax" | "sigmoid": how the router turns logits into probabilities
-    hub_block: str  # per-expert hub checkpoints: model.layers.{i}.{hub_block}.experts.{e}.{name}.weight
-    hub_expert_names: tuple[str, str, str]  # hub names of (gate, up, down)
-    attention_projections: tuple[str, ...]
-
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    s.model_type: s
-    for s in (
-        ArchSpec("mixtral", "MixtralExperts", "num_local_experts", "intermediate_size", "num_experts_per_tok",
-                 "softmax", "block_sparse_moe", ("w1", "w3", "w2"), ("q_proj", "k_proj", "v_proj", "o_proj")),
-        ArchSpec("olmoe", "OlmoeExperts", "num_experts", "intermediate_size", "num_experts_per_tok",
-                 "softmax", "mlp", ("gate_proj", "up_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")),
-        ArchSpec("qwen2_moe", "Qwen2MoeExperts", "num_experts", "moe_intermediate_size", "num_experts_per_tok",
-                 "softmax", "mlp", ("gate_proj", "up_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")),
-        ArchSpec("qwen3_moe", "Qwen3MoeExperts", "num_experts", "moe_intermediate_size", "num_experts_per_tok",
-                 "softmax", "mlp", ("gate_proj", "up_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")),
-        ArchSpec("deepseek_v3", "DeepseekV3Experts", "n_routed_experts", "moe_intermediate_size",
-                 "num_experts_per_tok", "sigmoid", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                 ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")),
-    )
+# Model types the contract check cannot judge alone: the reason they are refused.
+QUIRKS: dict[str, str] = {
+    "gpt_oss": "gpt_oss experts are off the common layout (gate/up interleaved in an E x D x 2F weight, biases on "
+               "both projections, a clamped (up + 1) * gate * sigmoid(alpha * gate) activation): not supported yet",
 }
 
 
@@ -49,13 +42,95 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-def arch_spec(config) -> ArchSpec:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported; supported MoE architectures: {sorted(ARCHITECTURES)}"
-        )
-    return ARCHITECTURES[model_type]
+@dataclass(frozen=True)
+class HubNames:
+    """How checkpoints name expert weights, from transformers' conversion mapping.
+
+    `expert_names`: per-expert (gate, up, down) names (`model.layers.{l}.{block}.experts.{e}.{name}.weight`);
+    `renames`: (checkpoint fragment, model fragment) pairs, e.g. Mixtral's ('.block_sparse_moe.', '.mlp.')."""
+
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def checkpoint_candidates(self, model_key: str) -> list[str]:
+        """The names a model tensor may have in a checkpoint: its own, then with each rename undone."""
+        out = [model_key]
+        for ckpt_part, model_part in self.renames:
+            if model_part in model_key:
+                out.append(model_key.replace(model_part, ckpt_part))
+        return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    experts_class: str  # transformers class of block.experts that we replace
+    block_name: str  # attribute of a decoder layer holding the MoE block (mlp, block_sparse_moe, feed_forward)
+    num_experts: int
+    hidden: int
+    intermediate: int
+    top_k: int
+    moe_layers: tuple[int, ...]
+    # layer -> (attention module attr, default LoRA targets, all its linears); "" / () without attention
+    attention: dict[int, tuple[str, tuple[str, ...], tuple[str, ...]]] = field(hash=False)
+    hub: HubNames = HubNames()
+    num_experts_attr: str = "num_experts"  # config field names, for messages and checks
+    intermediate_attr: str = "intermediate_size"
+    top_k_attr: str = "num_experts_per_tok"
+
+    @property
+    def attention_projections(self) -> tuple[str, ...]:
+        """Every attention linear of any layer (validation of plans)."""
+        return tuple(dict.fromkeys(p for _attr, _default, projs in self.attention.values() for p in projs))
+
+    @property
+    def hub_block(self) -> str:
+        """The MoE block's name in per-expert hub checkpoints (Mixtral: block_sparse_moe)."""
+        key = self.hub.checkpoint_candidates(f".{self.block_name}.experts")[-1]
+        return key.strip(".").rsplit(".experts", 1)[0]
+
+    @property
+    def hub_expert_names(self) -> tuple[str, str, str]:
+        return self.hub.expert_names
+
+    def experts_path(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.block_name}.experts"
+
+    def attention_targets(self, layer: int) -> tuple[str, ...]:
+        return self.attention.get(layer, ("", (), ()))[1]
+
+    def attention_module(self, layer: int) -> str:
+        return self.attention.get(layer, ("", (), ()))[0]
+
+
+def contract_problem(experts: nn.Module) -> str | None:
+    """Why an experts module is not on transformers' common experts contract, or None."""
+    name = type(experts).__name__
+    if isinstance(experts, nn.ModuleList):
+        return f"{name}: experts are a per-expert ModuleList (remote code or an older layout), not 3-D expert weights"
+    if not hasattr(experts, "is_concatenated"):
+        return f"{name} is not on transformers' experts interface (@use_experts_implementation)"
+    for flag, want, what in (("has_gate", True, "no gate projection (up -> act -> down)"),
+                             ("has_bias", False, "biases on the expert projections"),
+                             ("is_transposed", False, "transposed (E, D, 2F) expert weights"),
+                             ("is_concatenated", True, "gate/up rows interleaved, not [gate | up]"),
+                             ("has_post_expert_norm", False, "a norm after each expert")):
+        if bool(getattr(experts, flag, want)) != want:
+            return f"{name}: {what}"
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3 and
+            down.dim() == 3):
+        return f"{name}: no 3-D gate_up_proj / down_proj parameters"
+    E, F2, D = gate_up.shape
+    if F2 % 2 or tuple(down.shape) != (E, D, F2 // 2):
+        return f"{name}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not E x 2F x D, E x D x F"
+    if not callable(getattr(experts, "act_fn", None)):
+        return f"{name}: no act_fn"
+    forward = inspect.unwrap(type(experts).forward)
+    params = [p for p in inspect.signature(forward).parameters.values() if p.name != "self"]
+    if len(params) < 3:
+        return f"{name}.forward takes {[p.name for p in params]}, not (hidden_states, top_k_index, top_k_weights)"
+    return None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -67,37 +142,154 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _experts_in_layer(layer: nn.Module) -> tuple[str, nn.Module] | None:
+    """(block attribute, experts module) of a decoder layer's MoE block, or None (a dense layer)."""
+    for attr, child in layer.named_children():
+        experts = getattr(child, "experts", None)
+        if isinstance(experts, nn.Module):
+            return attr, experts
+    return None
+
+
+def _attention_of(layer: nn.Module) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    for attr in ATTENTION_ATTRS:
+        module = getattr(layer, attr, None)
+        if isinstance(module, nn.Module):
+            linears = tuple(n for n, c in module.named_children() if isinstance(c, nn.Linear))
+            default = tuple(n for n in linears if n in DEFAULT_ATTENTION_NAMES)
+            return attr, default or linears, linears
+    return "", (), ()
+
+
+def _hub_names(model_type: str) -> HubNames:
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return HubNames()
+    names = {}
+    renames = []
+    for conv in get_checkpoint_conversion_mapping(model_type) or []:
+        src = list(getattr(conv, "source_patterns", []) or [])
+        tgt = list(getattr(conv, "target_patterns", []) or [])
+        ops = list(getattr(conv, "operations", []) or [])
+        if len(tgt) != 1:
+            continue
+        per_expert = [re.search(r"experts\.\*\.([A-Za-z0-9_]+)\.weight$", s) for s in src]
+        if tgt[0].endswith("experts.gate_up_proj") and len(src) == 2 and all(per_expert):
+            names["gate"], names["up"] = per_expert[0].group(1), per_expert[1].group(1)
+        elif tgt[0].endswith("experts.down_proj") and len(src) == 1 and per_expert[0]:
+            names["down"] = per_expert[0].group(1)
+        elif not ops and len(src) == 1 and "*" not in src[0]:
+            plain = src[0].replace("\\.", ".")
+            if not re.search(r"[\\\[\]()|+?^$]", plain):  # a literal rename we can undo
+                renames.append((plain, tgt[0]))
+    expert_names = (names["gate"], names["up"], names["down"]) if len(names) == 3 else HubNames.expert_names
+    return HubNames(expert_names, tuple(renames))
+
+
+def _field(config, candidates: tuple[str, ...], value: int | None = None) -> str | None:
+    """The config field (as config.json names it, aliases last) that holds `value`."""
+    stored = config.to_dict()
+    for name in sorted(candidates, key=lambda n: n not in stored):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and (value is None or v == value):
+            return name
+    return None
+
+
+_SPECS: dict[str, ArchSpec] = {}
+
+
+def _describe(config) -> ArchSpec:
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.model_type
+    if model_type in QUIRKS:
+        raise UnsupportedModelError(QUIRKS[model_type])
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(f"model_type {model_type!r} has no AutoModelForCausalLM class in transformers "
+                                    "(a vision-language / encoder model): not supported")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = decoder_layers(model)
+    moe_layers, block_names, attention, first = [], set(), {}, None
+    for i, layer in enumerate(layers):
+        attention[i] = _attention_of(layer)
+        found = _experts_in_layer(layer)
+        if found is None:
+            continue
+        attr, experts = found
+        problem = contract_problem(experts)
+        if problem:
+            raise UnsupportedModelError(f"model_type {model_type!r}: {problem}")
+        moe_layers.append(i)
+        block_names.add(attr)
+        first = first or experts
+    if first is None:
+        raise UnsupportedModelError(f"model_type {model_type!r}: no MoE block with an experts module in any decoder "
+                                    "layer (a dense model: only method dmep applies)")
+    if len(block_names) != 1:
+        raise UnsupportedModelError(f"model_type {model_type!r}: MoE blocks under several names {sorted(block_names)}")
+    E, F2, D = first.gate_up_proj.shape
+    top_k_attr = _field(config, TOP_K_FIELDS)
+    return ArchSpec(
+        model_type=model_type, experts_class=type(first).__name__, block_name=block_names.pop(), num_experts=E,
+        hidden=D, intermediate=F2 // 2, top_k=getattr(config, top_k_attr) if top_k_attr else 1,
+        moe_layers=tuple(moe_layers), attention=attention, hub=_hub_names(model_type),
+        num_experts_attr=_field(config, NUM_EXPERTS_FIELDS, E) or "num_experts",
+        intermediate_attr=_field(config, INTERMEDIATE_FIELDS, F2 // 2) or "intermediate_size",
+        top_k_attr=top_k_attr or "num_experts_per_tok")
+
+
+def arch_spec(config) -> ArchSpec:
+    """The architecture description of a config (cached: one meta-device build per config)."""
+    if not getattr(config, "model_type", None):
+        raise UnsupportedModelError("config has no model_type")
+    key = config.to_json_string(use_diff=False)
+    if key not in _SPECS:
+        if len(_SPECS) > 32:
+            _SPECS.clear()
+        _SPECS[key] = _describe(config)
+    return _SPECS[key]
+
+
 def moe_blocks(model: nn.Module, spec: ArchSpec) -> dict[int, nn.Module]:
-    """Layer index -> MoE block (the module whose `.experts` we replace). Dense layers (DeepSeek's
-    first_k_dense_replace, Qwen2-MoE's mlp_only_layers) are skipped."""
-    out = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        block = getattr(layer, "mlp", None)
-        experts = getattr(block, "experts", None)
-        if experts is not None and type(experts).__name__ in (spec.experts_class, "ExpertParallelExperts"):
-            out[i] = block
+    """Layer index -> MoE block (the module whose `.experts` we replace). Dense layers
+    (DeepSeek's first_k_dense_replace, Qwen2-MoE's mlp_only_layers) are not in it."""
+    layers = decoder_layers(model)
+    out = {i: getattr(layers[i], spec.block_name) for i in spec.moe_layers}
+    kinds = {type(b.experts).__name__ for b in out.values()} - {spec.experts_class, "ExpertParallelExperts"}
+    if kinds:
+        raise UnsupportedModelError(f"{spec.model_type}: MoE blocks hold {sorted(kinds)}, expected {spec.experts_class}")
     return out
 
 
 def moe_layer_indices(config) -> list[int]:
-    """MoE layer indices from the config alone (no model needed: planning, meta builds)."""
-    spec = arch_spec(config)
-    n = config.num_hidden_layers
-    if spec.model_type == "deepseek_v3":
-        return [i for i in range(n) if i >= config.first_k_dense_replace]
-    if spec.model_type == "qwen2_moe" or spec.model_type == "qwen3_moe":
-        only = set(getattr(config, "mlp_only_layers", []) or [])
-        step = getattr(config, "decoder_sparse_step", 1) or 1
-        return [i for i in range(n) if i not in only and (i + 1) % step == 0]
-    return list(range(n))
+    """MoE layer indices from the config alone (planning, meta builds)."""
+    return list(arch_spec(config).moe_layers)
 
 
 def expert_sizes(config) -> tuple[int, int, int, int]:
     """(num_experts, hidden, expert intermediate, top_k)."""
+    s = arch_spec(config)
+    return s.num_experts, s.hidden, s.intermediate, s.top_k
+
+
+def attention_targets(config, names: tuple[str, ...] = ()) -> dict[int, tuple[str, ...]]:
+    """Layer -> attention projections that get LoRA: the architecture's default set, or
+    `names` where a layer has them. Layers without softmax attention (linear attention, SSM
+    mixers) get none. A name no layer has is an error."""
     spec = arch_spec(config)
-    return (
-        getattr(config, spec.num_experts_attr),
-        config.hidden_size,
-        getattr(config, spec.intermediate_attr),
-        getattr(config, spec.top_k_attr),
-    )
+    if not names:
+        return {l: spec.attention_targets(l) for l in sorted(spec.attention) if spec.attention_targets(l)}
+    out = {}
+    for layer, (_attr, _default, linears) in sorted(spec.attention.items()):
+        chosen = tuple(n for n in names if n in linears)
+        if chosen:
+            out[layer] = chosen
+    missing = [n for n in names if not any(n in t for t in out.values())]
+    if missing:
+        raise UnsupportedModelError(f"lora.attention_targets: {missing} is in no attention layer of {spec.model_type} "
+                                    f"(its attention linears: {list(spec.attention_projections)})")
+    return out

@@ -50,7 +50,7 @@ def convert_model(
     spec = arch_spec(model.config)
     groups = expert_groups(ep_size)
     blocks = moe_blocks(model, spec)
-    num_experts = getattr(model.config, spec.num_experts_attr)
+    num_experts = spec.num_experts
     placements = dict(placements or {})
     for layer in blocks:
         placements.setdefault(layer, ExpertPlacement.contiguous(num_experts, ep_size))
@@ -67,8 +67,8 @@ def convert_model(
         new = ExpertParallelExperts(
             layer=layer,
             num_experts=num_experts,
-            hidden_size=old.hidden_dim,
-            intermediate_size=old.intermediate_dim,
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate,
             act_fn=old.act_fn,
             placement=placements[layer],
             groups=groups,
@@ -126,17 +126,18 @@ def apply_lora_moe(model: nn.Module, plan: AdapterPlan, lora: LoRAConfig, device
 def _wrap_attention(model: nn.Module, spec: ArchSpec, plan: AdapterPlan, lora: LoRAConfig, device=None) -> None:
     layers = decoder_layers(model)
     for (layer, proj), rank in plan.attention_ranks.items():
-        if proj not in spec.attention_projections:
-            raise ValueError(
-                f"plan: attention projection {proj!r} (layer {layer}) is not one of {spec.model_type}'s "
-                f"{spec.attention_projections}"
-            )
         if not 0 <= layer < len(layers):
             raise ValueError(f"plan: attention adapter on layer {layer}, model has {len(layers)} layers")
-        attn = layers[layer].self_attn
+        attr, _default, linears = spec.attention.get(layer, ("", (), ()))
+        if proj not in linears:
+            raise ValueError(
+                f"plan: attention projection {proj!r} (layer {layer}) is not one of {spec.model_type}'s "
+                + (f"layer-{layer} {attr} linears {list(linears)}" if attr else
+                   f"(layer {layer} has no softmax attention module: linear attention / SSM layers take no LoRA)"))
+        attn = getattr(layers[layer], attr)
         base = getattr(attn, proj, None)
         if not isinstance(base, nn.Linear):
-            raise ValueError(f"plan: layer {layer} self_attn has no linear {proj!r} (this config does not use it)")
+            raise ValueError(f"plan: layer {layer} {attr} has no linear {proj!r} (this config does not use it)")
         setattr(attn, proj, LoRALinear(base, rank, lora, f"layers.{layer}.self_attn.{proj}", device=device))
 
 

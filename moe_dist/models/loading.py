@@ -117,13 +117,11 @@ def load_model(
 
 
 def _checkpoint_key(model_key: str, spec: ArchSpec, ckpt: SafetensorsIndex) -> str:
-    """Checkpoint name of a non-expert tensor: the model name without our `.base` wrappers;
-    Mixtral hub checkpoints call the MoE block `block_sparse_moe`."""
+    """Checkpoint name of a non-expert tensor: the model name without our `.base` wrappers, or
+    the name transformers' conversion mapping renames from (Mixtral hub checkpoints call the
+    MoE block `block_sparse_moe`, PhiMoE the router `gate`)."""
     key = model_key.replace(".base.", ".")
-    if key in ckpt:
-        return key
-    alt = key.replace(".mlp.", f".{spec.hub_block}.")
-    return alt if alt in ckpt else key
+    return next((k for k in spec.hub.checkpoint_candidates(key) if k in ckpt), key)
 
 
 def _load_dense(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtype, device) -> None:
@@ -148,12 +146,12 @@ def _load_experts(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtyp
     for layer, block in moe_blocks(model, spec).items():
         experts: ExpertParallelExperts = block.experts
         F = experts.intermediate_size
-        fused = f"model.layers.{layer}.mlp.experts.gate_up_proj"
+        fused, fused_down = (fused_checkpoint_key(spec, ckpt, layer, p) for p in ("gate_up_proj", "down_proj"))
         with torch.no_grad():
             for slot, e in enumerate(experts.local_experts):
-                if fused in ckpt:
+                if fused is not None and fused_down is not None:
                     gate_up = ckpt.read(fused, dtype, index=e)
-                    down = ckpt.read(f"model.layers.{layer}.mlp.experts.down_proj", dtype, index=e)
+                    down = ckpt.read(fused_down, dtype, index=e)
                 else:
                     g, u, d = (_hub_expert_key(spec, ckpt, layer, e, n) for n in spec.hub_expert_names)
                     gate_up = torch.cat([ckpt.read(g, dtype), ckpt.read(u, dtype)], dim=0)
@@ -167,15 +165,20 @@ def _load_experts(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtyp
                 experts.down_proj[slot].copy_(down)
 
 
+def fused_checkpoint_key(spec: ArchSpec, ckpt: SafetensorsIndex, layer: int, param: str) -> str | None:
+    """The checkpoint name of a layer's fused (E, ...) expert tensor, if the checkpoint has one."""
+    return next((k for k in spec.hub.checkpoint_candidates(f"{spec.experts_path(layer)}.{param}") if k in ckpt), None)
+
+
 def _hub_expert_key(spec: ArchSpec, ckpt: SafetensorsIndex, layer: int, expert: int, name: str) -> str:
-    for block in (spec.hub_block, "mlp"):
-        key = f"model.layers.{layer}.{block}.experts.{expert}.{name}.weight"
+    for key in spec.hub.checkpoint_candidates(f"{spec.experts_path(layer)}.{expert}.{name}.weight"):
         if key in ckpt:
             return key
     raise CheckpointError(
         f"{ckpt.directory}: expert {expert} of layer {layer} not found: neither the fused "
-        f"'model.layers.{layer}.mlp.experts.gate_up_proj' nor '{spec.hub_block}.experts.{expert}.{name}.weight' "
-        f"({spec.model_type} checkpoints name experts {spec.hub_expert_names})"
+        f"'{spec.experts_path(layer)}.gate_up_proj' nor per-expert "
+        f"'{spec.hub.checkpoint_candidates(f'{spec.experts_path(layer)}.{expert}.{name}.weight')[-1]}' "
+        f"({spec.model_type} checkpoints name experts {spec.hub_expert_names}, per transformers' conversion mapping)"
     )
 
 

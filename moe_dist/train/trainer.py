@@ -22,7 +22,7 @@ from moe_dist.config import RunConfig
 from moe_dist.export.base import shape_summary
 from moe_dist.data.dataset import RowEncoder, encode_dataset, load_rows
 from moe_dist.data.packing import ShardedBatches
-from moe_dist.models.arch import UnsupportedModelError, arch_spec, expert_sizes, moe_layer_indices
+from moe_dist.models.arch import UnsupportedModelError, arch_spec, attention_targets, expert_sizes, moe_layer_indices
 from moe_dist.models.convert import adapter_params, convert_dense_model, trainable_params
 from moe_dist.models.loading import load_model, resolve_checkpoint
 from moe_dist.methods.dmep import collect_utilisation, dmep_targets, load_balancing_loss, set_load_balancing
@@ -93,14 +93,26 @@ def is_moe(hf_config) -> bool:
 
 
 def build_plan(cfg: RunConfig, hf_config) -> AdapterPlan:
+    """The method's starting plan: LoRA on every expert projection and on the architecture's
+    attention projections (per layer: MLA for DeepSeek, none on linear-attention layers), or
+    DMEP's LoRA-MoE modules."""
+    moe = is_moe(hf_config)
+    names = cfg.lora.attention_target_list()
     if cfg.method == "dmep":
         d = cfg.dmep
-        targets = dmep_targets(hf_config.num_hidden_layers, dense=not is_moe(hf_config), targets=d.targets)
+        attention = None
+        if moe:
+            spec = arch_spec(hf_config)
+            attention = {layer: [f"{spec.attention_module(layer)}.{p}" for p in projs]
+                         for layer, projs in attention_targets(hf_config, names).items()}
+        targets = dmep_targets(hf_config.num_hidden_layers, dense=not moe, targets=d.targets, attention=attention)
         return dmep_initial_plan(targets, d.num_experts, cfg.lora.rank, d.top_k)
     num_experts, *_ = expert_sizes(hf_config)
-    attention = range(hf_config.num_hidden_layers) if cfg.lora.attention else ()
-    return AdapterPlan.uniform(moe_layer_indices(hf_config), num_experts, cfg.lora.rank,
-                               expert_projections=cfg.lora.expert_target_list(), attention_layers=attention)
+    experts = AdapterPlan.uniform(moe_layer_indices(hf_config), num_experts, cfg.lora.rank,
+                                  expert_projections=cfg.lora.expert_target_list())
+    attention = attention_targets(hf_config, names) if cfg.lora.attention else {}
+    return AdapterPlan(expert_ranks=experts.expert_ranks,
+                       attention_ranks={(layer, p): cfg.lora.rank for layer, projs in attention.items() for p in projs})
 
 
 def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int, device: torch.device,
