@@ -56,6 +56,10 @@ def export_vllm(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: 
     from peft import LoraConfig
 
     D, F = base.hidden, base.intermediate
+    if ckpt.plan.expert_ranks and not base.spec.hub.per_expert:
+        raise ExportError(f"--format vllm: {base.config.model_type} hub checkpoints store experts fused (transformers "
+                          "has no per-expert conversion mapping for it), and vLLM loads such models' MoE LoRA in its "
+                          "3-D layout, which this export does not write yet; use --format peft or merged")
     shapes = {"gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}  # (out, in)
     experts = ([(layer, e, half) for layer in base.moe_layers for e in range(base.num_experts) for half in HALVES]
                if ckpt.plan.expert_ranks else [])

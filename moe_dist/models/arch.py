@@ -23,7 +23,7 @@ from torch import nn
 # Attention projections LoRA targets by default, when a layer's attention module has them
 # (q,k,v,o; DeepSeek's MLA; fused qkv). A module with none of these takes all its linears.
 DEFAULT_ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
-                           "kv_b_proj", "qkv_proj", "query_key_value", "dense")
+                           "kv_b_proj", "qkv_proj", "query_key_value", "dense", "out_proj")
 # Where decoder layers keep their softmax attention; linear-attention / SSM mixers (Qwen3-Next's
 # `linear_attn`, Mamba `mixer`) are not under these names and get no attention LoRA.
 ATTENTION_ATTRS = ("self_attn", "attention", "self_attention", "attn")
@@ -51,6 +51,7 @@ class HubNames:
 
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     renames: tuple[tuple[str, str], ...] = ()
+    per_expert: bool = False  # the mapping says hub checkpoints store experts one by one
 
     def checkpoint_candidates(self, model_key: str) -> list[str]:
         """The names a model tensor may have in a checkpoint: its own, then with each rename undone."""
@@ -126,6 +127,10 @@ def contract_problem(experts: nn.Module) -> str | None:
         return f"{name}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not E x 2F x D, E x D x F"
     if not callable(getattr(experts, "act_fn", None)):
         return f"{name}: no act_fn"
+    from transformers.integrations import moe as hf_moe
+
+    if getattr(type(experts), "_apply_gate", None) is not getattr(hf_moe, "_default_apply_gate", None):
+        return f"{name}: its own gate activation (_apply_gate), not act_fn(gate) * up"
     forward = inspect.unwrap(type(experts).forward)
     params = [p for p in inspect.signature(forward).parameters.values() if p.name != "self"]
     if len(params) < 3:
@@ -183,8 +188,9 @@ def _hub_names(model_type: str) -> HubNames:
             plain = src[0].replace("\\.", ".")
             if not re.search(r"[\\\[\]()|+?^$]", plain):  # a literal rename we can undo
                 renames.append((plain, tgt[0]))
-    expert_names = (names["gate"], names["up"], names["down"]) if len(names) == 3 else HubNames.expert_names
-    return HubNames(expert_names, tuple(renames))
+    if len(names) == 3:
+        return HubNames((names["gate"], names["up"], names["down"]), tuple(renames), per_expert=True)
+    return HubNames(renames=tuple(renames))
 
 
 def _field(config, candidates: tuple[str, ...], value: int | None = None) -> str | None:
