@@ -21,9 +21,11 @@ def build_hf(model_type: str, seed: int = 0) -> nn.Module:
     model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
     with torch.no_grad():
         for block in moe_blocks(model, arch_spec(model.config)).values():
-            block.gate.weight.normal_(0, 0.5)
-            if hasattr(block.gate, "e_score_correction_bias"):
-                block.gate.e_score_correction_bias.normal_(0, 0.1)
+            router = next(getattr(block, n) for n in ("gate", "router") if isinstance(getattr(block, n, None), nn.Module))
+            next(p for p in router.parameters() if p.dim() == 2).normal_(0, 0.5)  # its weight, however nested
+            for name, buf in list(router.named_parameters()) + list(router.named_buffers()):
+                if name.endswith("e_score_correction_bias"):
+                    buf.normal_(0, 0.1)
     return model
 
 
@@ -93,7 +95,7 @@ def build_reference(hf: nn.Module, plan: AdapterPlan, lora: LoRAConfig) -> tuple
         block.experts = RefLoRAExperts(block.experts, tensors, scales, layer)
     layers = decoder_layers(ref)
     for (layer, proj), r in plan.attention_ranks.items():
-        attn = layers[layer].self_attn
+        attn = getattr(layers[layer], spec.attention_module(layer))
         base = getattr(attn, proj)
         ka, kb = attention_param_key(layer, proj, "lora_A"), attention_param_key(layer, proj, "lora_B")
         tensors[ka] = init_lora_A(r, base.in_features, ka, lora.seed).requires_grad_()

@@ -47,10 +47,9 @@ def mixed_plan(config) -> AdapterPlan:
         for p in ("gate_proj", "up_proj"):  # expert 5: one adapter on the fused gate|up weight instead
             ranks[(layer, 5, p)] = 0
         ranks[(layer, 5, "gate_up_proj")] = 8
-    att = spec.attention_projections if spec.model_type != "deepseek_v3" else ("q_a_proj", "kv_b_proj", "o_proj")
     return AdapterPlan(
         expert_ranks=ranks,
-        attention_ranks={(l, p): 4 for l in range(config.num_hidden_layers) for p in att},
+        attention_ranks={(l, p): 4 for l in spec.attention for p in spec.attention_targets(l)},
     )
 
 
@@ -58,9 +57,9 @@ def _tokens(rank: int) -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1000 + rank))
 
 
-def _check_rank(rank: int, world: int) -> None:
+def _check_rank(rank: int, world: int, archs=tuple(ARCHS), setups=tuple(SETUPS)) -> None:
     lora = LoRAConfig(alpha=8.0)
-    for arch in ARCHS:
+    for arch in archs:
         hf = build_hf(arch)
         plan = mixed_plan(hf.config)
         ref, ref_tensors = build_reference(hf, plan, lora)
@@ -73,7 +72,7 @@ def _check_rank(rank: int, world: int) -> None:
             out.loss.backward()
             ref_logits[src] = out.logits.detach()
             ref_grads[src] = {k: t.grad.clone() for k, t in ref_tensors.items() if t.grad is not None}
-        for name, ep, lists in SETUPS:
+        for name, ep, lists in setups:
             where = f"{arch}/{name}/rank{rank}"
             placements = None
             if lists is not None:
@@ -97,8 +96,8 @@ def _check_rank(rank: int, world: int) -> None:
                 g_scale = max(expected.abs().max().item(), 1e-6)
                 torch.testing.assert_close(p.grad, expected, atol=1e-5 * g_scale, rtol=1e-4, msg=lambda m: f"{where}: grad {k}: {m}")
             # this rank holds exactly its experts' adapters (and all attention adapters)
-            owned = set(model.model.layers[moe_layer_indices(hf.config)[0]].mlp.experts.local_experts)
             layer0 = moe_layer_indices(hf.config)[0]
+            owned = set(getattr(model.model.layers[layer0], arch_spec(hf.config).block_name).experts.local_experts)
             want = expected_keys | {k for k in ref_tensors if k.startswith(f"layers.{layer0}.experts.") and int(k.split(".")[3]) in owned}
             have = {k for k in params if ".experts." not in k or k.startswith(f"layers.{layer0}.experts.")}
             assert have == want, f"{where}: adapter keys differ: {sorted(have ^ want)[:4]}"

@@ -31,11 +31,27 @@ NUM_EXPERTS_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "m
 INTERMEDIATE_FIELDS = ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size")
 TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "num_experts_per_token", "top_k", "moe_topk")
 
-# Model types the contract check cannot judge alone: the reason they are refused.
+# Model types the contract check cannot judge alone: the reason they are refused. Types on the
+# contract whose tiny config could not be built are refused too: supported means parity-tested.
+_UNTESTED = "on the experts contract, but no tiny config of it could be built here, so it is not parity-tested: "
 QUIRKS: dict[str, str] = {
     "gpt_oss": "gpt_oss experts are off the common layout (gate/up interleaved in an E x D x 2F weight, biases on "
                "both projections, a clamped (up + 1) * gate * sigmoid(alpha * gate) activation): not supported yet",
+    "axk1": _UNTESTED + "its attention sizes did not fit together in a tiny config",
+    "dots3_note": _UNTESTED + "building it allocates real memory (16 GB) even on the meta device",
+    "qwen4_exp": _UNTESTED + "its config leaves head sizes unset (None // None)",
+    "zaya": _UNTESTED + "its config accepts top-1 routing only, which the parity plan does not exercise",
 }
+
+
+def interface_model_types() -> list[str]:
+    """Model types whose transformers modeling file uses the experts interface."""
+    import transformers
+    from pathlib import Path
+
+    root = Path(transformers.__file__).parent / "models"
+    return sorted({f.parent.name for f in root.glob("*/modeling_*.py")
+                   if "@use_experts_implementation" in f.read_text(encoding="utf-8", errors="ignore")})
 
 
 class UnsupportedModelError(ValueError):
@@ -52,13 +68,33 @@ class HubNames:
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     renames: tuple[tuple[str, str], ...] = ()
     per_expert: bool = False  # the mapping says hub checkpoints store experts one by one
+    # dense tensors the checkpoint stores in parts: (model fragment, checkpoint fragments, cat dim)
+    concatenated: tuple[tuple[str, tuple[str, ...], int], ...] = ()
+
+    def checkpoint_parts(self, model_key: str) -> tuple[list[list[str]], int] | None:
+        """For a tensor stored in parts (Kimi-Linear's q/k/v conv1d -> conv1d): the candidate
+        names of each part and the dim they concatenate along, or None."""
+        for model_part, ckpt_parts, dim in self.concatenated:
+            if model_key.endswith(model_part):
+                stem = model_key[: -len(model_part)]
+                return [self.checkpoint_candidates(stem + part) for part in ckpt_parts], dim
+        return None
 
     def checkpoint_candidates(self, model_key: str) -> list[str]:
-        """The names a model tensor may have in a checkpoint: its own, then with each rename undone."""
-        out = [model_key]
-        for ckpt_part, model_part in self.renames:
-            if model_part in model_key:
-                out.append(model_key.replace(model_part, ckpt_part))
+        """The names a model tensor may have in a checkpoint: its own, then with the renames
+        undone one at a time, then all of them, last first (PhiMoE renames both the block and its router).
+        A rename anchored at the start (`^model.word_embeddings.`) applies there only."""
+        def undo(key: str, rename: tuple[str, str]) -> str:
+            ckpt_part, model_part = rename
+            if ckpt_part.startswith("^"):
+                return ckpt_part[1:] + key[len(model_part):] if key.startswith(model_part) else key
+            return key.replace(model_part, ckpt_part)
+
+        out = [model_key] + [undo(model_key, rename) for rename in self.renames]
+        all_undone = model_key
+        for rename in reversed(self.renames):  # transformers applies them in order: undo backwards
+            all_undone = undo(all_undone, rename)
+        out.append(all_undone)
         return list(dict.fromkeys(out))
 
 
@@ -172,7 +208,7 @@ def _hub_names(model_type: str) -> HubNames:
     except ImportError:
         return HubNames()
     names = {}
-    renames = []
+    renames, concatenated = [], []
     for conv in get_checkpoint_conversion_mapping(model_type) or []:
         src = list(getattr(conv, "source_patterns", []) or [])
         tgt = list(getattr(conv, "target_patterns", []) or [])
@@ -184,13 +220,16 @@ def _hub_names(model_type: str) -> HubNames:
             names["gate"], names["up"] = per_expert[0].group(1), per_expert[1].group(1)
         elif tgt[0].endswith("experts.down_proj") and len(src) == 1 and per_expert[0]:
             names["down"] = per_expert[0].group(1)
+        elif (len(ops) == 1 and type(ops[0]).__name__ == "Concatenate" and len(src) > 1
+              and not any(re.search(r"[*\\\[\]()|+?^$]", x) for x in src + tgt)):
+            concatenated.append((tgt[0], tuple(src), int(getattr(ops[0], "dim", 0))))
         elif not ops and len(src) == 1 and "*" not in src[0]:
             plain = src[0].replace("\\.", ".")
-            if not re.search(r"[\\\[\]()|+?^$]", plain):  # a literal rename we can undo
-                renames.append((plain, tgt[0]))
+            if not re.search(r"[\\\[\]()|+?$]", plain[1:] if plain.startswith("^") else plain):
+                renames.append((plain, tgt[0]))  # a literal rename we can undo
     if len(names) == 3:
-        return HubNames((names["gate"], names["up"], names["down"]), tuple(renames), per_expert=True)
-    return HubNames(renames=tuple(renames))
+        return HubNames((names["gate"], names["up"], names["down"]), tuple(renames), True, tuple(concatenated))
+    return HubNames(renames=tuple(renames), concatenated=tuple(concatenated))
 
 
 def _field(config, candidates: tuple[str, ...], value: int | None = None) -> str | None:

@@ -134,7 +134,14 @@ def _load_dense(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtype,
             continue
         key = _checkpoint_key(name, spec, ckpt)
         want_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-        value = ckpt.read(key, want_dtype if "correction_bias" not in name else torch.float32).to(device)
+        want_dtype = want_dtype if "correction_bias" not in name else torch.float32
+        parts = spec.hub.checkpoint_parts(name.replace(".base.", ".")) if key not in ckpt else None
+        if parts is not None:  # stored in pieces (a Concatenate in transformers' conversion mapping)
+            names, dim = parts
+            keys = [next((k for k in cands if k in ckpt), cands[0]) for cands in names]
+            value = torch.cat([ckpt.read(k, want_dtype) for k in keys], dim=dim).to(device)
+        else:
+            value = ckpt.read(key, want_dtype).to(device)
         if tuple(value.shape) != tuple(tensor.shape):
             raise CheckpointError(f"{ckpt.directory}: {key!r} has shape {tuple(value.shape)}, model expects {tuple(tensor.shape)}")
         _set_tensor(model, name, value)

@@ -1,0 +1,109 @@
+"""Every MoE model type the installed transformers ships on its experts interface is either
+supported, and then parity-tested (logits and every adapter gradient against the plain HF
+model + LoRA reference at EP 1 and at EP 2 with a non-contiguous placement; hub per-expert
+and transformers-5 fused checkpoints load to from_pretrained's logits), or refused with a
+stated reason. A transformers upgrade that adds a type cannot slip in untested: the set is
+read from transformers' own source files."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dist_utils import run_distributed
+from reference import build_hf
+from moe_dist.models.arch import QUIRKS, UnsupportedModelError, arch_spec, interface_model_types, moe_blocks
+from moe_dist.models.convert import convert_model
+from moe_dist.models.loading import load_model
+from moe_dist.models.tiny import TINY_CONFIGS, tiny_config
+from moe_dist.plan import AdapterPlan
+
+# Types people fine-tune today: these must stay supported.
+MUST_SUPPORT = {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "deepseek_v2", "deepseek_v3",
+                "glm4_moe", "glm4_moe_lite", "minimax", "phimoe", "granitemoe", "ernie4_5_moe", "dots1",
+                "hunyuan_v1_moe", "flex_olmo", "jamba"}
+
+
+def classify(model_type: str) -> tuple[str, str]:
+    """("supported", "") or ("refused", why)."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type in QUIRKS:
+        return "refused", QUIRKS[model_type]
+    if model_type not in CONFIG_MAPPING:
+        return "refused", f"no config class for {model_type!r} in this transformers"
+    try:
+        arch_spec(tiny_config(model_type))
+    except UnsupportedModelError as exc:
+        return "refused", str(exc)
+    return "supported", ""
+
+
+VERDICTS = {mt: classify(mt) for mt in interface_model_types()}
+SUPPORTED = sorted(mt for mt, (v, _) in VERDICTS.items() if v == "supported")
+NEW = [mt for mt in SUPPORTED if mt not in TINY_CONFIGS]  # the original five have their own parity test
+
+
+def test_every_interface_type_is_supported_or_refused_with_a_reason():
+    refused = {mt: why for mt, (v, why) in VERDICTS.items() if v == "refused"}
+    print(f"{len(SUPPORTED)} supported: {SUPPORTED}")
+    for mt, why in sorted(refused.items()):
+        print(f"refused {mt}: {why}")
+        assert len(why) > 20, (mt, why)
+    assert MUST_SUPPORT <= set(SUPPORTED), sorted(MUST_SUPPORT - set(SUPPORTED))
+    assert "gpt_oss" in refused and "interleaved" in refused["gpt_oss"]
+    assert "no gate projection" in refused["nemotron_h"]
+    for mt in SUPPORTED:
+        spec = arch_spec(tiny_config(mt))
+        assert spec.num_experts == 8 and spec.moe_layers, (mt, spec)
+        assert any(spec.attention_targets(l) for l in spec.attention), mt  # attention LoRA has targets
+
+
+def test_per_expert_module_lists_do_not_convert_silently():
+    hf = build_hf("olmoe")
+    block = hf.model.layers[0].mlp
+    block.experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(8)])
+    with pytest.raises(UnsupportedModelError, match="ModuleList"):
+        convert_model(hf, AdapterPlan())
+
+
+def _check_new_types(rank: int, world: int) -> None:
+    from test_parity_distributed import _check_rank
+
+    _check_rank(rank, world, archs=NEW, setups=(("ep1", 1, None), ("ep2-scattered", 2, [[0, 3, 5, 6], [1, 2, 4, 7]])))
+
+
+def test_parity_of_every_newly_supported_type_ep1_and_ep2_scattered():
+    run_distributed(_check_new_types, 2)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_hub_and_fused_checkpoints_load_like_from_pretrained(model_type, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    hf = build_hf(model_type)
+    spec = arch_spec(hf.config)
+    plan = AdapterPlan.uniform(spec.moe_layers, 8, 4)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    for layout in ("hub_per_expert", "fused_v5"):
+        d = tmp_path / layout
+        hf.save_pretrained(d, save_original_format=layout == "hub_per_expert", max_shard_size="200KB")
+        names = set()
+        for f in d.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as fh:
+                names |= set(fh.keys())
+        if layout == "hub_per_expert":
+            assert len(list(d.glob("*.safetensors"))) > 1 and (d / "model.safetensors.index.json").is_file()
+            if spec.hub.per_expert:
+                assert any(f".experts.0.{spec.hub_expert_names[0]}.weight" in n for n in names), sorted(names)[:8]
+        with torch.no_grad():
+            want = AutoModelForCausalLM.from_pretrained(d).eval()(ids).logits
+            got = load_model(d, plan).eval()(ids).logits
+            ref = convert_model(copy.deepcopy(hf), plan).eval()(ids).logits
+        torch.testing.assert_close(got, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=0)
+        assert not any(t.is_meta for t in moe_blocks(load_model(d, plan), spec)[spec.moe_layers[0]].experts.parameters())
