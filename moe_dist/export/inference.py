@@ -45,7 +45,7 @@ def merge_into(model: nn.Module, ckpt: TrainedCheckpoint, base: BaseModel) -> in
     layers = decoder_layers(model)
     changed = 0
     for layer in ckpt.expert_layers():
-        experts = layers[layer].mlp.experts
+        experts = getattr(layers[layer], base.spec.block_name).experts
         for param in ("gate_up_proj", "down_proj"):
             W = getattr(experts, param)
             for e in range(base.num_experts):

@@ -39,7 +39,7 @@ def _targets(ckpt: TrainedCheckpoint, base: BaseModel) -> tuple[dict[str, int], 
             ranks = [f.rank for e in range(base.num_experts)
                      if (f := ckpt.expert_factors(layer, e, param, base.hidden, base.intermediate)) is not None]
             if ranks:
-                params[f"model.layers.{layer}.mlp.experts.{param}"] = max(ranks)
+                params[f"{base.spec.experts_path(layer)}.{param}"] = max(ranks)
     modules = {f"model.layers.{layer}.{base.spec.attention_module(layer)}.{proj}": r
                for (layer, proj), r in ckpt.plan.attention_ranks.items()}
     return params, modules
