@@ -4,6 +4,9 @@
     python launch/plan.py --model-type mixtral --world 8 ep_size=8      # transformers' default config
                                                                         # (= Mixtral-8x7B), offline
 
+Recipes' hub models are planned offline from their published config.json values, shipped in
+moe_dist/models/configs (a local model dir or any other hub name is read as usual).
+
 The model is instantiated from its real config on the meta device (exact parameter counts,
 no memory), split into expert and non-expert weights; adapters come from the recipe's plan
 (uniform LoRA, or DMEP's LoRA-MoE; HELLoRA/EPnG change it at run time within the LoRA
@@ -33,7 +36,9 @@ def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, 
     from moe_dist.plan import expert_proj_layout
     from moe_dist.train.trainer import build_plan, is_moe
 
-    hf_config = AutoConfig.for_model(model_type, **hf_overrides) if model_type else AutoConfig.from_pretrained(cfg.model)
+    from moe_dist.models.loading import load_hf_config
+
+    hf_config = AutoConfig.for_model(model_type, **hf_overrides) if model_type else load_hf_config(cfg.model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     total = sum(p.numel() for p in model.parameters())

@@ -49,12 +49,11 @@ def peek_num_experts(cfg: RunConfig) -> int | None:
 
     if cfg.model == embedded.EMBEDDED_NAME:
         return embedded.TINY_OLMOE["num_experts"]
-    from transformers import AutoConfig
-
     from moe_dist.models.arch import UnsupportedModelError, expert_sizes
+    from moe_dist.models.loading import load_hf_config
 
     try:
-        hf_config = AutoConfig.from_pretrained(cfg.model)
+        hf_config = load_hf_config(cfg.model)
     except Exception:  # unreachable hub, missing dir: reported with context when loading
         return None
     try:

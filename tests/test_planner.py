@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -28,3 +30,42 @@ def test_mixtral_total_and_per_rank_split():
     per_expert = 16 * ((4096 + 14336) * 2 + (14336 + 4096))
     attention = 16 * ((4096 + 4096) * 2 + (4096 + 1024) * 2) * 32
     assert out["trainable_params_total"] == per_expert * 8 * 32 + attention
+
+
+def _shipped() -> list[str]:
+    import json
+
+    from moe_dist.models.loading import SHIPPED_CONFIGS
+
+    return sorted(k for k in json.loads((SHIPPED_CONFIGS / "published.json").read_text()) if not k.startswith("_"))
+
+
+@pytest.mark.parametrize("name", _shipped())
+def test_shipped_configs_match_the_published_parameter_counts(name):
+    """The published config.json values shipped for the recipes' models give their published totals."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moe_dist.models.loading import SHIPPED_CONFIGS, load_hf_config
+
+    published = json.loads((SHIPPED_CONFIGS / "published.json").read_text())[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_hf_config(name))
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(total / published - 1) < 0.01, (name, total, published)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "launch/recipes").glob("*.yaml")
+                                          if not p.name.startswith("tiny_")))
+def test_every_real_model_recipe_plans_offline(recipe, monkeypatch):
+    """No hub access: every real-model recipe plans from the shipped config, and its plan's
+    attention targets exist in that architecture (DeepSeek's MLA included)."""
+    import yaml
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = yaml.safe_load((ROOT / "launch/recipes" / recipe).read_text())
+    world = data.get("ep_size") or 8
+    out = _planner().main(["--recipe", str(ROOT / "launch/recipes" / recipe), "--world", str(world)])
+    assert out["total_params"] > 1e9 and out["trainable_params_total"] > 0

@@ -48,6 +48,32 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         raise CheckpointError(f"cannot find model {name_or_path!r} locally or on the hub: {exc}") from exc
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_config_path(name: str) -> Path | None:
+    """The published config.json of a hub model the recipes name, shipped in moe_dist/models/configs."""
+    path = SHIPPED_CONFIGS / (name.replace("/", "__") + ".json")
+    return path if path.is_file() else None
+
+
+def load_hf_config(name_or_path: str | os.PathLike):
+    """A model's transformers config without its weights: a local dir's config.json, else the
+    shipped copy of a published one (offline), else the hub's."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return AutoConfig.from_pretrained(path)
+    shipped = shipped_config_path(str(name_or_path))
+    if shipped is not None:
+        data = json.loads(shipped.read_text())
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    try:
+        return AutoConfig.from_pretrained(str(name_or_path))
+    except Exception as exc:  # offline, missing repo, auth
+        raise CheckpointError(f"no config for model {name_or_path!r}: not a local dir, not shipped in "
+                              f"{SHIPPED_CONFIGS}, and the hub said: {exc}") from exc
+
+
 class SafetensorsIndex:
     """Tensor name -> file, over a single file or a sharded `model.safetensors.index.json`."""
 
