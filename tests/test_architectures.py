@@ -152,3 +152,9 @@ def test_lora_recipe_defaults_train_each_family_on_two_ranks(model_type, cache_d
     assert losses[8] < losses[1] - 0.1, losses
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ep_size"] == 2 and summary["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("model_type", ["llama4_text", "jetmoe", "longcat_flash"])
+def test_moe_types_off_the_interface_are_refused_naming_why(model_type):
+    with pytest.raises(UnsupportedModelError, match=f"{model_type}.*not on transformers' experts interface"):
+        arch_spec(tiny_config(model_type))
