@@ -24,8 +24,11 @@ def build_hf(model_type: str, seed: int = 0) -> nn.Module:
             router = next(getattr(block, n) for n in ("gate", "router") if isinstance(getattr(block, n, None), nn.Module))
             next(p for p in router.parameters() if p.dim() == 2).normal_(0, 0.5)  # its weight, however nested
             for name, buf in list(router.named_parameters()) + list(router.named_buffers()):
-                if name.endswith("e_score_correction_bias"):
+                if name.endswith("e_score_correction_bias") or name == "bias":  # (gpt-oss: router bias)
                     buf.normal_(0, 0.1)
+            for name, b in block.experts.named_parameters():
+                if name.endswith("_bias"):  # expert biases (gpt-oss) start at zeros: make them matter
+                    b.normal_(0, 0.1)
     return model
 
 
@@ -44,11 +47,12 @@ class RefLoRALinear(nn.Module):
 
 
 class RefLoRAExperts(nn.Module):
-    """HF's eager expert loop plus a LoRA term on each adapted (expert, projection)."""
+    """HF's eager expert loop plus a LoRA term on each adapted (expert, projection), on the
+    HF module's own weights (read through their storage layout) and its own gate function."""
 
-    def __init__(self, hf_experts: nn.Module, adapters: dict, scales: dict, layer: int):
+    def __init__(self, hf_experts: nn.Module, adapters: dict, scales: dict, layer: int, spec):
         super().__init__()
-        self.hf, self.adapters, self.scales, self.layer = hf_experts, adapters, scales, layer
+        self.hf, self.adapters, self.scales, self.layer, self.spec = hf_experts, adapters, scales, layer, spec
 
     def _proj(self, x, W, e, proj):
         out = x @ W.t() if W is not None else 0.0
@@ -59,17 +63,28 @@ class RefLoRAExperts(nn.Module):
         return out
 
     def forward(self, hidden, top_k_index, top_k_weights):
-        F = self.hf.intermediate_dim
+        from moe_dist.models.layout import down_to_canonical, gate_up_bias_to_canonical, gate_up_to_canonical
+
+        F, layout = self.spec.intermediate, self.spec.layout
         out = torch.zeros_like(hidden)
-        for e in range(self.hf.num_experts):
+        for e in range(self.spec.num_experts):
             tok, pos = torch.where(top_k_index == e)
             if tok.numel() == 0:
                 continue
             x = hidden[tok]
-            gate_up = self._proj(x, self.hf.gate_up_proj[e], e, "gate_up_proj")  # a fused adapter, if any
+            W_gu = gate_up_to_canonical(self.hf.gate_up_proj[e], layout)
+            gate_up = self._proj(x, W_gu, e, "gate_up_proj")  # a fused adapter, if any
+            if layout.biases:
+                gate_up = gate_up + gate_up_bias_to_canonical(self.hf.gate_up_proj_bias[e], layout)
             g = gate_up[:, :F] + self._proj(x, None, e, "gate_proj")
             u = gate_up[:, F:] + self._proj(x, None, e, "up_proj")
-            y = self._proj(self.hf.act_fn(g) * u, self.hf.down_proj[e], e, "down_proj")
+            if layout.gate == "act":
+                h = self.hf.act_fn(g) * u
+            else:  # the module's own gate code, on its own interleaved layout
+                h = self.hf._apply_gate(torch.stack([g, u], dim=-1).flatten(-2))
+            y = self._proj(h, down_to_canonical(self.hf.down_proj[e], layout), e, "down_proj")
+            if layout.biases:
+                y = y + self.hf.down_proj_bias[e]
             out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
         return out
 
@@ -85,14 +100,14 @@ def build_reference(hf: nn.Module, plan: AdapterPlan, lora: LoRAConfig) -> tuple
     tensors, scales = {}, {}
     spec = arch_spec(ref.config)
     for layer, block in moe_blocks(ref, spec).items():
-        F, D = block.experts.intermediate_dim, block.experts.hidden_dim
+        F, D = spec.intermediate, spec.hidden
         dims = {"gate_proj": (D, F), "up_proj": (D, F), "gate_up_proj": (D, 2 * F), "down_proj": (F, D)}
         for (e, proj), r in plan.expert_ranks_of_layer(layer).items():
             ka, kb = expert_param_key(layer, e, proj, "lora_A"), expert_param_key(layer, e, proj, "lora_B")
             tensors[ka] = init_lora_A(r, dims[proj][0], ka, lora.seed).requires_grad_(not plan.lori)
             tensors[kb] = b_value(kb, dims[proj][1], r).requires_grad_()
             scales[ka] = lora.scale(r)
-        block.experts = RefLoRAExperts(block.experts, tensors, scales, layer)
+        block.experts = RefLoRAExperts(block.experts, tensors, scales, layer, spec)
     layers = decoder_layers(ref)
     for (layer, proj), r in plan.attention_ranks.items():
         attn = getattr(layers[layer], spec.attention_module(layer))

@@ -81,11 +81,11 @@ def shuffled(num_experts: int, ep: int, seed: int) -> ExpertPlacement:
     return ExpertPlacement.from_lists([sorted(perm[r::ep]) for r in range(ep)])
 
 
-def _move_keeps_logits_and_state(rank: int, world: int, ep: int) -> None:
+def _move_keeps_logits_and_state(rank: int, world: int, ep: int, arch: str = "olmoe") -> None:
     from moe_dist.train.repartition import move_experts
 
     torch.manual_seed(0)
-    hf = build_hf("olmoe")
+    hf = build_hf(arch)
     layers = moe_layer_indices(hf.config)
     for lori in (False, True):
         plan = hot_plan(layers, lori)
@@ -131,6 +131,11 @@ def _move_keeps_logits_and_state(rank: int, world: int, ep: int) -> None:
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
 def test_forced_move_keeps_logits_base_weights_and_optimizer_state(world, ep):
     run_distributed(_move_keeps_logits_and_state, world, ep)
+
+
+def test_forced_move_carries_expert_biases():
+    """gpt-oss: a moved expert takes its frozen biases along (or the logits would change)."""
+    run_distributed(_move_keeps_logits_and_state, 2, 2, "gpt_oss")
 
 
 # ---- a run with a forced repartition has the same loss curve ---------------------------------

@@ -195,11 +195,12 @@ def test_lori_freezes_A_and_masks_B():
     assert torch.all(grad[:, 1:] == 0) and grad[:, 0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("lori", [False, True])
-def test_cpu_expert_loop_equals_the_grouped_kernel(lori, monkeypatch):
+@pytest.mark.parametrize("arch,lori", [("qwen2_moe", False), ("qwen2_moe", True), ("gpt_oss", False)])
+def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
     """The per-expert loop (CPU default; compiled, with experts spread over 2 threads, and
     its Python fallback) and the grouped-matmul path (GPU default) give the same logits and
-    the same gradient for every adapter, x and frozen-A included."""
+    the same gradient for every adapter, x and frozen-A included; gpt-oss with its expert
+    biases and clamped gate on both."""
     import shutil
 
     import moe_dist.moe.expert_loop as expert_loop
@@ -211,7 +212,7 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(lori, monkeypatch):
     if shutil.which("c++") or shutil.which("g++"):
         assert native is not None, "a C++ compiler is present but the CPU expert kernel did not build"
 
-    hf = build_hf("qwen2_moe")
+    hf = build_hf(arch)
     plan = mixed_plan(hf.config)
     plan = AdapterPlan(expert_ranks=plan.expert_ranks, attention_ranks=plan.attention_ranks, lori=lori)
     model = convert_model(copy.deepcopy(hf), plan)

@@ -42,16 +42,18 @@ def merge_into(model: nn.Module, ckpt: TrainedCheckpoint, base: BaseModel) -> in
     fused expert parameters, attention linears). Returns the number of weights changed."""
     from moe_dist.models.arch import decoder_layers
 
+    from moe_dist.models.layout import down_delta_to_storage, gate_up_delta_to_storage
+
     layers = decoder_layers(model)
     changed = 0
     for layer in ckpt.expert_layers():
         experts = getattr(layers[layer], base.spec.block_name).experts
-        for param in ("gate_up_proj", "down_proj"):
+        for param, to_storage in (("gate_up_proj", gate_up_delta_to_storage), ("down_proj", down_delta_to_storage)):
             W = getattr(experts, param)
             for e in range(base.num_experts):
                 f = ckpt.expert_factors(layer, e, param, base.hidden, base.intermediate)
                 if f is not None:
-                    W[e] = (W[e].double() + f.delta()).to(W.dtype)
+                    W[e] = (W[e].double() + to_storage(f.delta(), base.spec.layout)).to(W.dtype)
                     changed += 1
     for (layer, proj) in ckpt.plan.attention_ranks:
         linear = getattr(getattr(layers[layer], base.spec.attention_module(layer) if base.spec else "self_attn"), proj)

@@ -22,6 +22,7 @@ import torch
 from moe_dist.export.base import BaseModel
 from moe_dist.export.safetensors_stream import DTYPE_NAMES, ShardWriter, read_tensor, tensor_specs
 from moe_dist.export.trained import ExportError, TrainedCheckpoint
+from moe_dist.models.layout import down_delta_to_storage, gate_up_delta_to_storage
 
 SKIP_FILES = re.compile(r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack)$")
 HALVES = {"gate_proj": ("gate_proj",), "up_proj": ("up_proj",), "gate_up_proj": ("gate_proj", "up_proj"),
@@ -68,8 +69,10 @@ class _Merger:
             param = target[2]
             todo = [(e, f) for e in range(self.base.num_experts)
                     if (f := self.ckpt.expert_factors(layer, e, param, D, F)) is not None]
+            layout = self.base.spec.layout
+            to_storage = down_delta_to_storage if param == "down_proj" else gate_up_delta_to_storage
             for e, f in todo:  # one expert at a time: the fp64 copy is one expert's weight
-                W[e] = (W[e].double() + f.delta()).to(W.dtype)
+                W[e] = (W[e].double() + to_storage(f.delta(), layout)).to(W.dtype)
                 self.applied.update((layer, e, h) for h in (("down_proj",) if param == "down_proj" else
                                                             ("gate_proj", "up_proj")))
             return W if todo else None

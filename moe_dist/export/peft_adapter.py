@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from moe_dist.export.base import BaseModel
 from moe_dist.export.trained import ExportError, TrainedCheckpoint
+from moe_dist.models.layout import gate_up_rows_to_storage
 
 ADAPTER_NAME = "default"
 
@@ -73,7 +74,8 @@ def _fill_param_wrapper(ckpt: TrainedCheckpoint, base: BaseModel, layer: int, pa
         if f is None:
             continue
         A[e * r:e * r + f.rank] = f.A_RI
-        B_ORE[:, :f.rank, e] = f.B_OR
+        # B's rows are the weight's output features in its stored order (gpt-oss: gate/up interleaved)
+        B_ORE[:, :f.rank, e] = gate_up_rows_to_storage(f.B_OR, base.spec.layout) if param == "gate_up_proj" else f.B_OR
     return A, B
 
 
@@ -103,8 +105,9 @@ def export_peft(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: 
         B_shape = tuple(module.lora_B[ADAPTER_NAME].weight.shape)
         layer = int(layer_of.search(name).group(1))
         if isinstance(module, ParamWrapper):
-            if getattr(module.get_base_layer(), "is_transposed", False):
-                raise ExportError(f"{name}: expert weights stored (E, in, out) are not exported yet")
+            if bool(getattr(module.get_base_layer(), "is_transposed", False)) != base.spec.layout.transposed:
+                raise ExportError(f"{name}: PEFT sees is_transposed={module.get_base_layer().is_transposed}, the "
+                                  f"architecture table says {base.spec.layout}")
             A, B = _fill_param_wrapper(ckpt, base, layer, module.parameter_name, r, A_shape, B_shape)
         else:
             proj = name.rsplit(".", 1)[1]

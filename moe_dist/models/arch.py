@@ -7,8 +7,9 @@ A model type is supported when its experts modules follow that contract: the des
 read off a meta-device instance of the model (no memory) — where the MoE blocks are, the
 sizes, which decoder layers are MoE, the attention projections of every layer — and the
 per-expert names of hub checkpoints come from transformers' own conversion mapping
-(`transformers.conversion_mapping`). What cannot be derived lives in `QUIRKS`, and every
-model type that is refused says why (`UnsupportedModelError`).
+(`transformers.conversion_mapping`). What cannot be derived lives in two small tables:
+`QUIRK_LAYOUTS` (gpt-oss stores its experts transposed, interleaved, with biases) and
+`QUIRKS` (refusals), and every model type that is refused says why (`UnsupportedModelError`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from moe_dist.models.layout import COMMON, GPT_OSS, ExpertsLayout
 
 # Attention projections LoRA targets by default, when a layer's attention module has them
 # (q,k,v,o; DeepSeek's MLA; fused qkv). A module with none of these takes all its linears.
@@ -35,13 +38,15 @@ TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "num_experts_per_token", "top_k"
 # contract whose tiny config could not be built are refused too: supported means parity-tested.
 _UNTESTED = "on the experts contract, but no tiny config of it could be built here, so it is not parity-tested: "
 QUIRKS: dict[str, str] = {
-    "gpt_oss": "gpt_oss experts are off the common layout (gate/up interleaved in an E x D x 2F weight, biases on "
-               "both projections, a clamped (up + 1) * gate * sigmoid(alpha * gate) activation): not supported yet",
     "axk1": _UNTESTED + "its attention sizes did not fit together in a tiny config",
     "dots3_note": _UNTESTED + "building it allocates real memory (16 GB) even on the meta device",
     "qwen4_exp": _UNTESTED + "its config leaves head sizes unset (None // None)",
     "zaya": _UNTESTED + "its config accepts top-1 routing only, which the parity plan does not exercise",
 }
+
+
+# Model types whose experts are on the interface with another storage layout (moe_dist/models/layout.py).
+QUIRK_LAYOUTS: dict[str, ExpertsLayout] = {"gpt_oss": GPT_OSS}
 
 
 def interface_model_types() -> list[str]:
@@ -111,6 +116,7 @@ class ArchSpec:
     # layer -> (attention module attr, default LoRA targets, all its linears); "" / () without attention
     attention: dict[int, tuple[str, tuple[str, ...], tuple[str, ...]]] = field(hash=False)
     hub: HubNames = HubNames()
+    layout: ExpertsLayout = COMMON  # how transformers stores the expert weights
     num_experts_attr: str = "num_experts"  # config field names, for messages and checks
     intermediate_attr: str = "intermediate_size"
     top_k_attr: str = "num_experts_per_tok"
@@ -140,17 +146,19 @@ class ArchSpec:
         return self.attention.get(layer, ("", (), ()))[0]
 
 
-def contract_problem(experts: nn.Module) -> str | None:
-    """Why an experts module is not on transformers' common experts contract, or None."""
+def contract_problem(experts: nn.Module, layout: ExpertsLayout = COMMON) -> str | None:
+    """Why an experts module is not on transformers' experts contract in `layout` (the common
+    one unless the model type declares another), or None."""
     name = type(experts).__name__
     if isinstance(experts, nn.ModuleList):
         return f"{name}: experts are a per-expert ModuleList (remote code or an older layout), not 3-D expert weights"
     if not hasattr(experts, "is_concatenated"):
         return f"{name} is not on transformers' experts interface (@use_experts_implementation)"
     for flag, want, what in (("has_gate", True, "no gate projection (up -> act -> down)"),
-                             ("has_bias", False, "biases on the expert projections"),
-                             ("is_transposed", False, "transposed (E, D, 2F) expert weights"),
-                             ("is_concatenated", True, "gate/up rows interleaved, not [gate | up]"),
+                             ("has_bias", layout.biases, "biases on the expert projections" if not layout.biases
+                              else "no expert biases"),
+                             ("is_transposed", layout.transposed, "transposed (E, D, 2F) expert weights"),
+                             ("is_concatenated", not layout.interleaved, "gate/up rows interleaved, not [gate | up]"),
                              ("has_post_expert_norm", False, "a norm after each expert")):
         if bool(getattr(experts, flag, want)) != want:
             return f"{name}: {what}"
@@ -158,15 +166,17 @@ def contract_problem(experts: nn.Module) -> str | None:
     if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.dim() == 3 and
             down.dim() == 3):
         return f"{name}: no 3-D gate_up_proj / down_proj parameters"
-    E, F2, D = gate_up.shape
-    if F2 % 2 or tuple(down.shape) != (E, D, F2 // 2):
-        return f"{name}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} are not E x 2F x D, E x D x F"
-    if not callable(getattr(experts, "act_fn", None)):
-        return f"{name}: no act_fn"
-    from transformers.integrations import moe as hf_moe
+    E, F2, D = (gate_up.shape[0], gate_up.shape[2], gate_up.shape[1]) if layout.transposed else gate_up.shape
+    want_down = (E, F2 // 2, D) if layout.transposed else (E, D, F2 // 2)
+    if F2 % 2 or tuple(down.shape) != want_down:
+        return f"{name}: gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(down.shape)} do not fit E={E}, 2F={F2}, D={D}"
+    if layout.gate == "act":
+        if not callable(getattr(experts, "act_fn", None)):
+            return f"{name}: no act_fn"
+        from transformers.integrations import moe as hf_moe
 
-    if getattr(type(experts), "_apply_gate", None) is not getattr(hf_moe, "_default_apply_gate", None):
-        return f"{name}: its own gate activation (_apply_gate), not act_fn(gate) * up"
+        if getattr(type(experts), "_apply_gate", None) is not getattr(hf_moe, "_default_apply_gate", None):
+            return f"{name}: its own gate activation (_apply_gate), not act_fn(gate) * up"
     forward = inspect.unwrap(type(experts).forward)
     params = [p for p in inspect.signature(forward).parameters.values() if p.name != "self"]
     if len(params) < 3:
@@ -265,7 +275,7 @@ def _describe(config) -> ArchSpec:
         if found is None:
             continue
         attr, experts = found
-        problem = contract_problem(experts)
+        problem = contract_problem(experts, QUIRK_LAYOUTS.get(model_type, COMMON))
         if problem:
             raise UnsupportedModelError(f"model_type {model_type!r}: {problem}")
         moe_layers.append(i)
@@ -276,12 +286,15 @@ def _describe(config) -> ArchSpec:
                                     "layer (a dense model: only method dmep applies)")
     if len(block_names) != 1:
         raise UnsupportedModelError(f"model_type {model_type!r}: MoE blocks under several names {sorted(block_names)}")
+    layout = QUIRK_LAYOUTS.get(model_type, COMMON)
     E, F2, D = first.gate_up_proj.shape
+    if layout.transposed:
+        F2, D = D, F2
     top_k_attr = _field(config, TOP_K_FIELDS)
     return ArchSpec(
         model_type=model_type, experts_class=type(first).__name__, block_name=block_names.pop(), num_experts=E,
         hidden=D, intermediate=F2 // 2, top_k=getattr(config, top_k_attr) if top_k_attr else 1,
-        moe_layers=tuple(moe_layers), attention=attention, hub=_hub_names(model_type),
+        moe_layers=tuple(moe_layers), attention=attention, hub=_hub_names(model_type), layout=layout,
         num_experts_attr=_field(config, NUM_EXPERTS_FIELDS, E) or "num_experts",
         intermediate_attr=_field(config, INTERMEDIATE_FIELDS, F2 // 2) or "intermediate_size",
         top_k_attr=top_k_attr or "num_experts_per_tok")

@@ -7,6 +7,7 @@ unconverted model is the numerical oracle.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -16,6 +17,8 @@ from torch import nn
 from moe_dist.adapters.lora_moe import LoRAMoELinear
 from moe_dist.adapters.lora import LoRAConfig, LoRALinear
 from moe_dist.models.arch import ArchSpec, arch_spec, decoder_layers, moe_blocks
+from moe_dist.models.layout import (ExpertsLayout, down_to_canonical, gate_up_bias_to_canonical, gate_up_to_canonical,
+                                    gpt_oss_gate)
 from moe_dist.moe.experts import ExpertParallelExperts
 from moe_dist.parallel.groups import expert_groups
 from moe_dist.parallel.placement import ExpertPlacement
@@ -60,6 +63,7 @@ def convert_model(
     for param in model.parameters():
         param.requires_grad_(False)
 
+    layout = spec.layout
     for layer, block in blocks.items():
         old = block.experts
         src_meta = old.gate_up_proj.is_meta
@@ -69,7 +73,7 @@ def convert_model(
             num_experts=num_experts,
             hidden_size=spec.hidden,
             intermediate_size=spec.intermediate,
-            act_fn=old.act_fn,
+            act_fn=getattr(old, "act_fn", None),
             placement=placements[layer],
             groups=groups,
             ranks=plan.expert_ranks_of_layer(layer),
@@ -77,12 +81,18 @@ def convert_model(
             lori=plan.lori,
             dtype=old.gate_up_proj.dtype,
             device=dev,
+            biases=layout.biases,
+            gate_fn=gate_function(old, layout),
         )
         if not src_meta:
             with torch.no_grad():
                 idx = torch.tensor(new.local_experts, dtype=torch.long, device=old.gate_up_proj.device)
-                new.gate_up_proj.copy_(old.gate_up_proj.index_select(0, idx))
-                new.down_proj.copy_(old.down_proj.index_select(0, idx))
+                new.gate_up_proj.copy_(gate_up_to_canonical(old.gate_up_proj.index_select(0, idx), layout))
+                new.down_proj.copy_(down_to_canonical(old.down_proj.index_select(0, idx), layout))
+                if layout.biases:
+                    new.gate_up_bias.copy_(gate_up_bias_to_canonical(old.gate_up_proj_bias.index_select(0, idx),
+                                                                     layout))
+                    new.down_bias.copy_(old.down_proj_bias.index_select(0, idx))
         block.experts = new
         del old
 
@@ -90,6 +100,13 @@ def convert_model(
     apply_lora_moe(model, plan, lora, device)
     model.moe_dist_info = ConversionInfo(spec, plan, placements, ep_size, lora)
     return model
+
+
+def gate_function(hf_experts: nn.Module, layout: ExpertsLayout):
+    """The architecture's own gate activation on [gate | up] rows, or None for act_fn(gate) * up."""
+    if layout.gate == "gpt_oss":
+        return functools.partial(gpt_oss_gate, alpha=float(hf_experts.alpha), limit=float(hf_experts.limit))
+    return None
 
 
 def convert_dense_model(model: nn.Module, plan: AdapterPlan, lora: LoRAConfig = LoRAConfig(),

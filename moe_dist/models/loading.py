@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.models.arch import ArchSpec, arch_spec, moe_blocks
 from moe_dist.models.convert import convert_model
+from moe_dist.models.layout import down_to_canonical, gate_up_bias_to_canonical, gate_up_to_canonical
 from moe_dist.moe.experts import ExpertParallelExperts
 from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.plan import AdapterPlan
@@ -176,15 +177,30 @@ def _load_dense(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtype,
 
 
 def _load_experts(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtype) -> None:
+    layout = spec.layout
     for layer, block in moe_blocks(model, spec).items():
         experts: ExpertParallelExperts = block.experts
         F = experts.intermediate_size
         fused, fused_down = (fused_checkpoint_key(spec, ckpt, layer, p) for p in ("gate_up_proj", "down_proj"))
+        if fused is None and f"{spec.experts_path(layer)}.gate_up_proj_blocks" in ckpt:
+            raise CheckpointError(
+                f"{ckpt.directory}: layer {layer}'s experts are MXFP4-quantized (gate_up_proj_blocks / _scales), which "
+                "this sharded loader does not dequantize; write a bf16 copy once with transformers: "
+                "AutoModelForCausalLM.from_pretrained(name, quantization_config=Mxfp4Config(dequantize=True), "
+                "dtype=torch.bfloat16).save_pretrained(dir), then train from dir")
         with torch.no_grad():
             for slot, e in enumerate(experts.local_experts):
                 if fused is not None and fused_down is not None:
-                    gate_up = ckpt.read(fused, dtype, index=e)
-                    down = ckpt.read(fused_down, dtype, index=e)
+                    gate_up = gate_up_to_canonical(ckpt.read(fused, dtype, index=e), layout)
+                    down = down_to_canonical(ckpt.read(fused_down, dtype, index=e), layout)
+                    if layout.biases:
+                        bias_keys = [fused_checkpoint_key(spec, ckpt, layer, f"{p}_bias") for p in ("gate_up_proj", "down_proj")]
+                        if None in bias_keys:
+                            raise CheckpointError(f"{ckpt.directory}: layer {layer} has no expert biases "
+                                                  f"'{spec.experts_path(layer)}.gate_up_proj_bias' / 'down_proj_bias'")
+                        experts.gate_up_bias[slot].copy_(gate_up_bias_to_canonical(ckpt.read(bias_keys[0], dtype, index=e),
+                                                                                   layout))
+                        experts.down_bias[slot].copy_(ckpt.read(bias_keys[1], dtype, index=e))
                 else:
                     g, u, d = (_hub_expert_key(spec, ckpt, layer, e, n) for n in spec.hub_expert_names)
                     gate_up = torch.cat([ckpt.read(g, dtype), ckpt.read(u, dtype)], dim=0)

@@ -105,7 +105,11 @@ class ExpertParallelExperts(MoE):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         adapter_dtype: torch.dtype = torch.float32,
+        biases: bool = False,
+        gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
+        """`biases`: frozen per-expert biases after each projection (gpt-oss); `gate_fn`: the
+        architecture's own activation on the [gate | up] rows instead of act_fn(gate) * up."""
         nn.Module.__init__(self)
         if placement.num_experts != num_experts:
             raise ValueError(f"layer {layer}: placement covers {placement.num_experts} experts, layer has {num_experts}")
@@ -128,14 +132,26 @@ class ExpertParallelExperts(MoE):
         e, F, D = self.num_local_experts, intermediate_size, hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * F, D, dtype=dtype, device=device), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(e, D, F, dtype=dtype, device=device), requires_grad=False)
-        mark_expert_param(self.gate_up_proj, self.ep_size)
-        mark_expert_param(self.down_proj, self.ep_size)
+        self.gate_up_bias = self.down_bias = None
+        if biases:
+            self.gate_up_bias = nn.Parameter(torch.empty(e, 2 * F, dtype=dtype, device=device), requires_grad=False)
+            self.down_bias = nn.Parameter(torch.empty(e, D, dtype=dtype, device=device), requires_grad=False)
+        self.gate_fn = gate_fn
+        for w in self.base_weights().values():
+            mark_expert_param(w, self.ep_size)
         self._build_adapters(ranks, device)
         # Counters live in the model, decisions outside it (moe_dist.routing reads and resets).
         # Integer, so a bf16 cast of the module leaves it exact; no host sync to update it.
         self.register_buffer("routed_tokens_E", torch.zeros(num_experts, dtype=torch.long, device=device),
                              persistent=False)
         self.dispatcher = self._make_dispatcher(device)
+
+    def base_weights(self) -> dict[str, nn.Parameter]:
+        """The frozen per-expert tensors (slot-major), by name: what a move carries."""
+        out = {"gate_up_proj": self.gate_up_proj, "down_proj": self.down_proj}
+        if self.gate_up_bias is not None:
+            out.update(gate_up_bias=self.gate_up_bias, down_bias=self.down_bias)
+        return out
 
     def _slot_order(self, ranks: Mapping[tuple[int, str], int]) -> list[list[int]]:
         """Local slot order groups experts with equal adapter ranks, so rank buckets are
@@ -168,10 +184,11 @@ class ExpertParallelExperts(MoE):
         self.set_placement(self.placement, ranks, {})
 
     def set_placement(self, placement: ExpertPlacement, ranks: Mapping[tuple[int, str], int],
-                      arriving: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+                      arriving: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         """Own the experts `placement` gives this rank, with adapters of the given ranks.
 
-        `arriving[e]` = (gate_up_2FD, down_DF) of each expert that comes from another rank.
+        `arriving[e]` = {base weight name: tensor} (see `base_weights`) of each expert that
+        comes from another rank.
         Base weights change in place (leaving experts' slots take arriving ones, then a cycle
         permutation into the new slot order), so the extra memory is one expert's slice.
         Adapters are rebuilt fresh, as in set_adapter_ranks."""
@@ -191,15 +208,15 @@ class ExpertParallelExperts(MoE):
         missing = [e for e in coming if e not in arriving]
         if missing:
             raise ValueError(f"layer {self.layer}: EP rank {self.groups.ep_rank} gets experts {missing} without weights")
+        weights = self.base_weights()
         with torch.no_grad():
             for s, e in zip(leaving, coming, strict=True):
-                gate_up_2FD, down_DF = arriving[e]
-                self.gate_up_proj[s].copy_(gate_up_2FD)
-                self.down_proj[s].copy_(down_DF)
+                for name, w in weights.items():
+                    w[s].copy_(arriving[e][name])
                 slot_of[e] = s
             src = [slot_of[e] for e in new_local]
-            permute_slots_(self.gate_up_proj.data, src)
-            permute_slots_(self.down_proj.data, src)
+            for w in weights.values():
+                permute_slots_(w.data, src)
         self.local_experts = new_local
         self._build_adapters(ranks, device)
         self.dispatcher = self._make_dispatcher(device)
@@ -264,11 +281,23 @@ class ExpertParallelExperts(MoE):
         x_MD = x_MD.to(self.gate_up_proj.dtype).contiguous()
         slots, tensors = self._loop_adapters(("gate_proj", "up_proj", "gate_up_proj"), x_MD.dtype)
         gate_up_M2F = ExpertLoopLinear.apply(x_MD, self.gate_up_proj, counts, slots, *tensors)
-        h_MF = gated_act(gate_up_M2F, self.act_fn)
+        h_MF = self._activate(self._add_bias(gate_up_M2F, self.gate_up_bias, counts))
         slots, tensors = self._loop_adapters(("down_proj",), h_MF.dtype)
         if self.anchor is not None:  # an input no adapter reads: its gradient is zero, at no cost
             tensors.append(self.anchor)
-        return ExpertLoopLinear.apply(h_MF, self.down_proj, counts, slots, *tensors)
+        return self._add_bias(ExpertLoopLinear.apply(h_MF, self.down_proj, counts, slots, *tensors), self.down_bias,
+                              counts)
+
+    def _activate(self, gate_up_M2F: torch.Tensor) -> torch.Tensor:
+        return self.gate_fn(gate_up_M2F) if self.gate_fn is not None else gated_act(gate_up_M2F, self.act_fn)
+
+    @staticmethod
+    def _add_bias(y_MO: torch.Tensor, bias_eO: torch.Tensor | None, counts: list[int]) -> torch.Tensor:
+        """Rows are grouped by local slot: each slot's bias over its rows (frozen: no grad)."""
+        if bias_eO is None:
+            return y_MO
+        reps = torch.tensor(counts, device=y_MO.device)
+        return y_MO + bias_eO.to(y_MO.dtype).repeat_interleave(reps, dim=0, output_size=y_MO.shape[0])
 
     def compute_grouped(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Local experts on rows sorted by local slot: grouped base matmuls + adapter buckets."""
@@ -291,13 +320,13 @@ class ExpertParallelExperts(MoE):
             lo, hi = expert_proj_layout(bucket.proj, self.hidden_size, F)[2:]
             cols = slice(lo, hi)
             _lora_delta(*bank.stacked(bucket, x_MD.dtype), bucket, x_MD, gate_up_M2F[:, cols], starts, counts)
-        h_MF = gated_act(gate_up_M2F, self.act_fn)
+        h_MF = self._activate(self._add_bias(gate_up_M2F, self.gate_up_bias, counts))
         y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs_e)
         for bucket in bank.buckets["down_proj"]:
             _lora_delta(*bank.stacked(bucket, h_MF.dtype), bucket, h_MF, y_MD, starts, counts)
         if self.anchor is not None:
             y_MD = y_MD + (self.anchor * 0).to(y_MD.dtype)
-        return y_MD
+        return self._add_bias(y_MD, self.down_bias, counts)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

@@ -62,9 +62,8 @@ def _expert_manifest(mod: ExpertParallelExperts, plan: AdapterPlan, expert: int,
                      ) -> list[TensorSpec]:
     """Everything an expert owns, in a fixed order both sides derive from the plan."""
     D, F, layer = mod.hidden_size, mod.intermediate_size, mod.layer
-    dtype = mod.gate_up_proj.dtype
-    specs = [TensorSpec(f"layers.{layer}.experts.{expert}.base.gate_up_proj", (2 * F, D), dtype),
-             TensorSpec(f"layers.{layer}.experts.{expert}.base.down_proj", (D, F), dtype)]
+    specs = [TensorSpec(f"layers.{layer}.experts.{expert}.base.{name}", tuple(w.shape[1:]), w.dtype)
+             for name, w in mod.base_weights().items()]  # (+ biases, gpt-oss)
     ranks = plan.expert_ranks_of_layer(layer)
     for proj in EXPERT_PROJECTIONS:
         r = ranks.get((expert, proj), 0)
@@ -128,15 +127,14 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
     report.bytes_moved = int(global_sum(report.bytes_sent, device))  # EDP replicas each move their own copy
     received = exchange(outgoing, send_specs, recv_specs, any_mod.groups.ep_group, device)
     del outgoing
-    arriving: dict[int, dict[int, list]] = {}
+    arriving: dict[int, dict[int, dict]] = {}
     new_values = dict(values)
     new_optim = dict(optim)
     for specs, tensors in zip(recv_specs, received):
         for spec, t in zip(specs, tensors):
             _, layer, _, expert, *rest = spec.name.split(".")
             if rest[0] == "base":
-                arriving.setdefault(int(layer), {}).setdefault(int(expert), [None, None])[
-                    0 if rest[1] == "gate_up_proj" else 1] = t
+                arriving.setdefault(int(layer), {}).setdefault(int(expert), {})[rest[1]] = t
             elif "/" in spec.name:
                 new_optim[spec.name] = t.cpu().clone()
             elif spec.name.endswith(".mask"):
@@ -145,8 +143,7 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
                 new_values[spec.name] = t.cpu().clone()
     for layer, mod in mods.items():
         if layer in moving:
-            mod.set_placement(placements[layer], plan.expert_ranks_of_layer(layer),
-                              {e: tuple(pair) for e, pair in arriving.get(layer, {}).items()})
+            mod.set_placement(placements[layer], plan.expert_ranks_of_layer(layer), arriving.get(layer, {}))
     del received, arriving
     model.moe_dist_info = dataclasses.replace(model.moe_dist_info,
                                               placements={**model.moe_dist_info.placements, **placements})
@@ -167,7 +164,7 @@ def _local_tensor(mod: ExpertParallelExperts, name: str, values: dict, optim: di
     parts = name.split(".")
     if parts[4] == "base":
         slot = mod.local_experts.index(int(parts[3]))
-        return (mod.gate_up_proj if parts[5] == "gate_up_proj" else mod.down_proj)[slot]
+        return mod.base_weights()[parts[5]][slot]
     if name.endswith(".mask"):
         return masks[name[: -len(".mask")]]
     if "/" in name:
