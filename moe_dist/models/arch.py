@@ -267,7 +267,10 @@ def _describe(config) -> ArchSpec:
                                     "(a vision-language / encoder model): not supported")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    layers = decoder_layers(model)
+    try:
+        layers = decoder_layers(model)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"model_type {model_type!r}: {exc}") from None
     moe_layers, block_names, attention, first = [], set(), {}, None
     for i, layer in enumerate(layers):
         attention[i] = _attention_of(layer)
