@@ -252,7 +252,7 @@ def _field(config, candidates: tuple[str, ...], value: int | None = None) -> str
     return None
 
 
-_SPECS: dict[str, ArchSpec] = {}
+_SPECS: dict[str, ArchSpec | UnsupportedModelError] = {}
 
 
 def _describe(config) -> ArchSpec:
@@ -311,8 +311,14 @@ def arch_spec(config) -> ArchSpec:
     if key not in _SPECS:
         if len(_SPECS) > 32:
             _SPECS.clear()
-        _SPECS[key] = _describe(config)
-    return _SPECS[key]
+        try:
+            _SPECS[key] = _describe(config)
+        except UnsupportedModelError as exc:  # a refusal is an answer too (dense models ask often)
+            _SPECS[key] = exc
+    found = _SPECS[key]
+    if isinstance(found, UnsupportedModelError):
+        raise UnsupportedModelError(str(found))
+    return found
 
 
 def moe_blocks(model: nn.Module, spec: ArchSpec) -> dict[int, nn.Module]:
