@@ -116,8 +116,12 @@ def vllm_reconstruct(adapter_dir: Path, base_dir: Path):
         assert name.startswith("base_model.model.") and name.endswith((".lora_A.weight", ".lora_B.weight")), name
         module, part = name[len("base_model.model."):].rsplit(".", 2)[:2]
         loras.setdefault(module, {})[part] = t
+    from transformers import AutoConfig
+
+    num_experts = expert_sizes(AutoConfig.from_pretrained(base_dir))[0]
     for module, ab in loras.items():
-        assert ab["lora_A"].shape[0] == r and ab["lora_B"].shape[1] == r, (module, "one rank per adapter file")
+        k = num_experts if module.endswith((".experts", ".experts.base_layer")) else 1  # 3-D: E x r rows
+        assert ab["lora_A"].shape[0] == k * r and ab["lora_B"].shape[1] == k * r, (module, "one rank per adapter file")
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     spec = arch_spec(model.config)
     E, _D, F, _K = expert_sizes(model.config)
@@ -125,7 +129,21 @@ def vllm_reconstruct(adapter_dir: Path, base_dir: Path):
     layers = decoder_layers(model)
     used = set()
     with torch.no_grad():
-        if any(".experts." in m for m in loras):
+        if any(m.endswith(".experts.base_layer") for m in loras):
+            # the 3-D layout (vllm/lora/model_manager.py `_stack_moe_lora_weights`, is_3d_moe_weight):
+            # experts.base_layer = gate_up_proj, experts = down_proj; A -> (E, r, in), B -> (out, r, E) -> (E, out, r)
+            for layer in moe_layer_indices(model.config):
+                prefix = f"model.layers.{layer}.{spec.block_name}.experts"
+                experts = getattr(layers[layer], spec.block_name).experts
+                for module, param in ((prefix + ".base_layer", "gate_up_proj"), (prefix, "down_proj")):
+                    ab = loras[module]
+                    A_ERI = ab["lora_A"].reshape(E, -1, ab["lora_A"].shape[-1])
+                    B_EOR = ab["lora_B"].reshape(ab["lora_B"].shape[0], -1, E).permute(2, 0, 1)
+                    delta = scaling * torch.bmm(B_EOR, A_ERI)  # (E, out, in) in the stored output order
+                    W = getattr(experts, param)
+                    W += delta.transpose(1, 2) if spec.layout.transposed else delta
+                    used.add(module)
+        elif any(".experts." in m for m in loras):
             for layer in moe_layer_indices(model.config):
                 prefix = f"model.layers.{layer}.{spec.hub_block}.experts"
                 per_expert = [loras[f"{prefix}.{e}.{n}"] for e in range(E) for n in (gate, down, up)]  # KeyError = missing
@@ -374,10 +392,13 @@ def test_every_architecture_round_trips(arch, layout, tmp_path):
     with torch.no_grad():
         want = model(ids).logits
     spec = arch_spec(model.config)
-    if not spec.hub.per_expert:  # vLLM reads these (gpt-oss, Qwen3.5-MoE, ...) in its 3-D layout: refused, clearly
-        with pytest.raises(ExportError, match="3-D layout"):
+    from moe_dist.export.vllm_adapter import VLLM_3D_TYPES
+
+    vllm_ok = spec.hub.per_expert or arch in VLLM_3D_TYPES
+    if not vllm_ok:  # fused hub checkpoints vLLM does not read in its 3-D layout: refused, clearly
+        with pytest.raises(ExportError, match="3-D MoE LoRA layout"):
             export(ckpt, "vllm", tmp_path / "vllm")
-    for fmt in ("merged", "peft", "vllm") if spec.hub.per_expert else ("merged", "peft"):
+    for fmt in ("merged", "peft", "vllm") if vllm_ok else ("merged", "peft"):
         export(ckpt, fmt, tmp_path / fmt)
         assert_same_logits(exported_logits(fmt, tmp_path / fmt, base_dir, ids), want, (arch, layout, fmt))
     # the merged checkpoint keeps the base's layout (Mixtral: block_sparse_moe.experts.{e}.w1)

@@ -46,13 +46,17 @@ def _targets(ckpt: TrainedCheckpoint, base: BaseModel) -> tuple[dict[str, int], 
     return params, modules
 
 
-def peft_config(ckpt: TrainedCheckpoint, base: BaseModel, base_name: str):
+def peft_config(ckpt: TrainedCheckpoint, base: BaseModel, base_name: str, single_rank: bool = False):
+    """`single_rank`: every target padded to the largest rank, no rank_pattern (vLLM's 3-D MoE
+    LoRA reads PEFT's layout but one rank per adapter)."""
     from peft import LoraConfig
 
     params, modules = _targets(ckpt, base)
     ranks = {**params, **modules}
     if not ranks:
         raise ExportError(f"{ckpt.path}: the plan has no LoRA adapters to export")
+    if single_rank:
+        ranks = {k: max(ranks.values()) for k in ranks}
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {k: v for k, v in ranks.items() if v != r}
     return LoraConfig(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), lora_dropout=0.0,
@@ -79,7 +83,8 @@ def _fill_param_wrapper(ckpt: TrainedCheckpoint, base: BaseModel, layer: int, pa
     return A, B
 
 
-def export_peft(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: str) -> dict:
+def export_peft(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: str, single_rank: bool = False
+                ) -> dict:
     import re
 
     from peft import get_peft_model
@@ -87,7 +92,7 @@ def export_peft(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: 
     from peft.tuners.lora.layer import ParamWrapper
     from transformers import AutoModelForCausalLM
 
-    config = peft_config(ckpt, base, base_name)
+    config = peft_config(ckpt, base, base_name, single_rank)
     with torch.device("meta"), warnings.catch_warnings():
         # peft 0.21.2 checks rank_pattern keys against targeted *modules* only and calls the
         # target_parameters ones "ignored"; they are applied (the shapes below prove it).
@@ -112,10 +117,11 @@ def export_peft(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: 
         else:
             proj = name.rsplit(".", 1)[1]
             f = ckpt.attention_factors(layer, proj)
-            if f is None or (f.rank, f.B_OR.shape[0], f.A_RI.shape[1]) != (r, B_shape[0], A_shape[1]):
+            if f is None or f.rank > r or (f.B_OR.shape[0], f.A_RI.shape[1]) != (B_shape[0], A_shape[1]):
                 raise ExportError(f"{name}: PEFT built rank {r} {B_shape[0]}x{A_shape[1]}, the checkpoint has "
                                   f"{None if f is None else (f.rank, *f.B_OR.shape, f.A_RI.shape[1])}")
-            A, B = f.A_RI, f.B_OR
+            A, B = torch.zeros(A_shape), torch.zeros(B_shape)  # zero-padded to r where single_rank asks
+            A[:f.rank], B[:, :f.rank] = f.A_RI, f.B_OR
         tensors[key.format("lora_A")] = A.contiguous()
         tensors[key.format("lora_B")] = B.contiguous()
     params, modules = _targets(ckpt, base)

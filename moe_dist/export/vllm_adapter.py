@@ -14,6 +14,10 @@ hold one rank per adapter. So: every expert of every MoE layer is written, zeros
 plan has no adapter (cold, pruned), every adapter zero-padded to the file's largest rank, the
 scale (and LoRI mask) folded into B, lora_alpha = r (vLLM's scaling alpha/r is then 1). A fused
 gate_up adapter is written as its gate and up halves (same A, the halves of B's rows).
+
+The model classes vLLM marks `is_3d_moe_weight` (gpt-oss, Qwen3.5-MoE) read PEFT's fused
+`target_parameters` layout instead: for them the PEFT export is written with one rank for all
+targets.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from moe_dist.export.safetensors_stream import ShardWriter
 from moe_dist.export.trained import ExportError, Factors, TrainedCheckpoint
 
 PREFIX = "base_model.model."
+# Model classes vLLM marks `is_3d_moe_weight`: their MoE LoRA is read in PEFT's fused layout
+# (`experts.base_layer.lora_*` = gate_up_proj, `experts.lora_*` = down_proj, A (E*r, in) expert-major,
+# B (out, r*E) rank-major; vllm/lora/model_manager.py `_stack_moe_lora_weights`), one rank per file.
+VLLM_3D_TYPES = frozenset({"gpt_oss", "qwen3_5_moe"})
 HALVES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -57,9 +65,15 @@ def export_vllm(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: 
 
     D, F = base.hidden, base.intermediate
     if ckpt.plan.expert_ranks and not base.spec.hub.per_expert:
-        raise ExportError(f"--format vllm: {base.config.model_type} hub checkpoints store experts fused (transformers "
-                          "has no per-expert conversion mapping for it), and vLLM loads such models' MoE LoRA in its "
-                          "3-D layout, which this export does not write yet; use --format peft or merged")
+        if base.config.model_type not in VLLM_3D_TYPES:
+            raise ExportError(f"--format vllm: {base.config.model_type} hub checkpoints store experts fused (no "
+                              "per-expert conversion mapping in transformers) and it is not one of the model classes "
+                              f"vLLM reads in its 3-D MoE LoRA layout ({sorted(VLLM_3D_TYPES)}); use --format peft "
+                              "or merged")
+        from moe_dist.export.peft_adapter import export_peft
+
+        result = export_peft(ckpt, base, out, base_name, single_rank=True)
+        return dict(result, layout="3-D (PEFT target_parameters, one rank)")
     shapes = {"gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}  # (out, in)
     experts = ([(layer, e, half) for layer in base.moe_layers for e in range(base.num_experts) for half in HALVES]
                if ckpt.plan.expert_ranks else [])
