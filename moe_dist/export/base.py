@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moe_dist.export.trained import ExportError, TrainedCheckpoint
-from moe_dist.models.arch import ArchSpec, UnsupportedModelError, arch_spec, expert_sizes, moe_layer_indices
+from moe_dist.models.arch import ArchSpec, UnsupportedModelError, arch_spec
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,10 @@ def shape_summary(config) -> dict:
     out = {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
            "hidden_size": config.hidden_size}
     try:
-        E, _D, F, _K = expert_sizes(config)
         spec = arch_spec(config)
-        out.update({spec.num_experts_attr: E, spec.intermediate_attr: F})
     except UnsupportedModelError:
-        pass
-    return out
+        return out
+    return dict(out, **{spec.num_experts_attr: spec.num_experts, spec.intermediate_attr: spec.intermediate})
 
 
 def describe_base(directory: Path) -> BaseModel:
@@ -61,8 +59,7 @@ def describe_base(directory: Path) -> BaseModel:
         spec = arch_spec(config)
     except UnsupportedModelError:
         return BaseModel(directory, config, None, 0, config.hidden_size, 0, ())
-    E, D, F, _K = expert_sizes(config)
-    return BaseModel(directory, config, spec, E, D, F, tuple(moe_layer_indices(config)))
+    return BaseModel(directory, config, spec, spec.num_experts, spec.hidden, spec.intermediate, spec.moe_layers)
 
 
 def check_plan_fits(ckpt: TrainedCheckpoint, base: BaseModel) -> None:

@@ -37,10 +37,9 @@ def _targets(ckpt: TrainedCheckpoint, base: BaseModel) -> tuple[dict[str, int], 
     params: dict[str, int] = {}
     for layer in ckpt.expert_layers():
         for param in ("gate_up_proj", "down_proj"):
-            ranks = [f.rank for e in range(base.num_experts)
-                     if (f := ckpt.expert_factors(layer, e, param, base.hidden, base.intermediate)) is not None]
-            if ranks:
-                params[f"{base.spec.experts_path(layer)}.{param}"] = max(ranks)
+            r = max(ckpt.target_rank(layer, e, param) for e in range(base.num_experts))
+            if r:
+                params[f"{base.spec.experts_path(layer)}.{param}"] = r
     modules = {f"model.layers.{layer}.{base.spec.attention_module(layer)}.{proj}": r
                for (layer, proj), r in ckpt.plan.attention_ranks.items()}
     return params, modules

@@ -25,8 +25,6 @@ from moe_dist.plan import AdapterPlan, attention_param_key, expert_param_key, ex
 
 STATE_FILE = "trainer_state.json"
 NATIVE_FILE = "moe_dist_adapter.json"  # what `--format moe_dist` writes instead of the trainer state
-# HF's fused expert parameters and the plan projections whose rows they hold (first, last row).
-FUSED_PARAMS: tuple[str, ...] = ("gate_up_proj", "down_proj")
 
 
 class ExportError(RuntimeError):
@@ -175,6 +173,15 @@ class TrainedCheckpoint:
         """The plan's own adapter on (layer, expert, proj), or None."""
         rank = self.plan.rank(layer, expert, proj)
         return self._factors(expert_param_key(layer, expert, proj, "")[:-1], rank) if rank else None
+
+    def target_rank(self, layer: int, expert: int, target: str) -> int:
+        """The rank `expert_factors(layer, expert, target)` has, from the plan alone (no tensor read):
+        separate gate and up adapters on the fused gate_up weight stack their ranks."""
+        plan = self.plan
+        if target == "down_proj":
+            return plan.rank(layer, expert, "down_proj")
+        halves = ("gate_proj", "up_proj") if target == "gate_up_proj" else (target,)
+        return sum(plan.rank(layer, expert, h) for h in halves) + plan.rank(layer, expert, "gate_up_proj")
 
     def expert_factors(self, layer: int, expert: int, target: str, hidden: int, intermediate: int) -> Factors | None:
         """Factors of the delta on one output block of an expert, whatever adapters the plan put

@@ -52,12 +52,6 @@ def _padded(f: Factors | None, r: int, out_f: int, in_f: int) -> tuple[torch.Ten
     return A, B
 
 
-def _half_rank(ckpt: TrainedCheckpoint, layer: int, expert: int, half: str) -> int:
-    """Rank of expert_factors(layer, expert, half) from the plan alone (no tensor read)."""
-    plan = ckpt.plan
-    return plan.rank(layer, expert, half) + (plan.rank(layer, expert, "gate_up_proj") if half != "down_proj" else 0)
-
-
 def export_vllm(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: str) -> dict:
     """Streams the file: ranks come from the plan, each adapter is read, padded and written
     in turn (memory: one adapter)."""
@@ -77,7 +71,7 @@ def export_vllm(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: 
     shapes = {"gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}  # (out, in)
     experts = ([(layer, e, half) for layer in base.moe_layers for e in range(base.num_experts) for half in HALVES]
                if ckpt.plan.expert_ranks else [])
-    ranks = [_half_rank(ckpt, *k) for k in experts] + list(ckpt.plan.attention_ranks.values())
+    ranks = [ckpt.target_rank(*k) for k in experts] + list(ckpt.plan.attention_ranks.values())
     if not any(ranks):
         raise ExportError(f"{ckpt.path}: the plan has no LoRA adapters to export")
     r = max(ranks)
