@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     from moe_dist.plan import AdapterPlan
     from moe_dist.train.checkpoint import load_adapter_values
     from moe_dist.train.evaluate import exact_match
-    from moe_dist.train.trainer import build_model, load_eval_set, resolve_model_path
+    from moe_dist.train.setup import build_model, load_eval_set, resolve_model_path
 
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"
@@ -88,7 +88,7 @@ def eval_export(model: str | None, adapter: str | None, overrides: list[str]) ->
     from moe_dist.export import ExportError
     from moe_dist.export.use import export_info, load_exported
     from moe_dist.train.evaluate import generate_exact_match
-    from moe_dist.train.trainer import load_eval_set
+    from moe_dist.train.setup import load_eval_set
 
     info = export_info(adapter, model)
     try:

@@ -34,7 +34,8 @@ def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, 
 
     from moe_dist.models.arch import arch_spec, expert_sizes, moe_layer_indices
     from moe_dist.plan import expert_proj_layout
-    from moe_dist.train.trainer import build_plan, is_moe
+    from moe_dist.methods import method_class
+    from moe_dist.models.arch import is_moe
 
     from moe_dist.models.loading import load_hf_config
 
@@ -44,7 +45,7 @@ def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, 
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for k, p in model.named_parameters() if ".experts." in k and "shared" not in k)
     ep = cfg.ep_size or world
-    plan = build_plan(cfg, hf_config)
+    plan = method_class(cfg.method)(cfg).plan_from_config(hf_config)
     D = hf_config.hidden_size
     spec = arch_spec(hf_config) if is_moe(hf_config) else None
     dense_adapters = 0

@@ -95,7 +95,7 @@ def run(cfg: RunConfig) -> dict:
     trainer = Trainer(cfg, device, bf16=on_gpu and accel.is_bf16_supported())
     trainer.setup()
     summary = trainer.run()
-    trainer.engine.destroy()
+    trainer.ds.engine.destroy()
     if cfg.export.formats and torch.distributed.get_rank() == 0:  # one process, from the final checkpoint
         from moe_dist.export import export
 

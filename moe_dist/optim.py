@@ -7,6 +7,9 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import nn
 
 
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter moments: what checkpoints and moves carry
+
+
 def moe_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
     """Trainable params in one group, split by DeepSpeed into dense and per-EP-size expert
     groups (ZeRO reduces expert groups over the expert-data-parallel group)."""

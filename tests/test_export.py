@@ -26,7 +26,7 @@ from reference import build_hf, set_b_values
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.config import RunConfig
 from moe_dist.export import ExportError, export, load_for_inference
-from moe_dist.export.base import shape_summary
+from moe_dist.models.arch import shape_summary
 from moe_dist.models.arch import arch_spec, decoder_layers, expert_sizes, moe_layer_indices
 from moe_dist.models.convert import adapter_params
 from moe_dist.models.loading import load_model
@@ -80,7 +80,7 @@ def trained_model(ckpt: Path):
     from moe_dist.models.convert import adapter_params
     from moe_dist.routing import experts_modules
     from moe_dist.train.checkpoint import load_adapter_values, load_masks
-    from moe_dist.train.trainer import build_model
+    from moe_dist.train.setup import build_model
 
     t = TrainedCheckpoint(ckpt)
     model = build_model(t.config, t.base_model_dir(), t.plan, 1, torch.device("cpu"), bf16=False)
@@ -277,7 +277,7 @@ def test_greedy_generation_of_exports_matches_the_checkpoint(checkpoints, tmp_pa
     from moe_dist.export.use import load_exported
     from moe_dist.export.trained import TrainedCheckpoint
     from moe_dist.train.evaluate import generate_exact_match, greedy_generate
-    from moe_dist.train.trainer import load_eval_set
+    from moe_dist.train.setup import load_eval_set
 
     ckpt = checkpoints["lora"]
     export(ckpt, "merged", tmp_path / "merged")

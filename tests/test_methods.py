@@ -120,7 +120,8 @@ def test_prune_and_grow_conserves_budget_and_picks_by_importance():
 def test_growth_keeps_output_and_adds_orthogonal_directions():
     from reference import set_b_values
 
-    from moe_dist.train.restructure import apply_plan, carry_over
+    from moe_dist.adapters.growth import carry_over
+    from moe_dist.train.structure import apply_plan
 
     hf = build_hf("olmoe")
     layers = moe_layer_indices(hf.config)
@@ -148,13 +149,13 @@ def test_growth_keeps_output_and_adds_orthogonal_directions():
 
 def _restructure_under_zero(rank: int, world: int) -> None:
     import gc
-    import types
     import weakref
 
     from moe_dist.config import RunConfig
+    from moe_dist.methods import Change
     from moe_dist.methods.epng import prune_and_grow
     from moe_dist.train.engine import build_engine
-    from moe_dist.train.restructure import restructure
+    from moe_dist.train.structure import change_structure, start_engine
     from deepspeed.utils import safe_get_full_optimizer_state
 
     hf = build_hf("olmoe")
@@ -164,48 +165,49 @@ def _restructure_under_zero(rank: int, world: int) -> None:
     cfg.train.micro_batch, cfg.train.lr, cfg.train.warmup_steps = 2, 1e-2, 0
     cfg.ds_config = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "ds_configs/zero2.json")
     model = convert_model(copy.deepcopy(hf), _uniform(layers, E, 4), ep_size=2)
-    trainer = types.SimpleNamespace(model=model, cfg=cfg, bf16=False, plan=_uniform(layers, E, 4))
+    plan = _uniform(layers, E, 4)
     gc.collect()
     gc.freeze()  # as the Trainer does: setup-era objects are out of the cycle collector's reach
-    trainer.engine, trainer.scheduler = build_engine(model, cfg, bf16=False)
+    build = lambda m: build_engine(m, cfg, bf16=False)  # noqa: E731
+    ds = start_engine(model, build)
 
     def step():
         ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(rank))
-        loss = trainer.engine(input_ids=ids, labels=ids, use_cache=False).loss
-        trainer.engine.backward(loss)
-        trainer.engine.step()
+        loss = ds.engine(input_ids=ids, labels=ids, use_cache=False).loss
+        ds.engine.backward(loss)
+        ds.engine.step()
 
     step()
     imp = torch.arange(len(layers) * E, dtype=torch.float64).reshape(len(layers), E)
-    new_plan = prune_and_grow(imp, layers, trainer.plan, 0.25, 0.25, 4, 16)
+    new_plan = prune_and_grow(imp, layers, plan, 0.25, 0.25, 4, 16)
     survivor = f"layers.{layers[-1]}.experts.{E - 1}.down_proj.lora_B"  # most important: kept and grown
     kept = [f"layers.{layers[0]}.experts.5.down_proj.lora_A", f"layers.{layers[-1]}.experts.1.gate_proj.lora_B"]
-    from moe_dist.train.checkpoint import link_optimizer_state
+    from moe_dist.train.zero_state import link_optimizer_state
 
-    link_optimizer_state(trainer.engine)
+    link_optimizer_state(ds.engine)
     owned = {k: p for k, p in adapter_params(model).items()}
     before = {k: safe_get_full_optimizer_state(owned[k], "exp_avg") for k in kept if k in owned}
     del owned
     assert before, "each rank owns one of the kept adapters"
-    old_engine = weakref.ref(trainer.engine)
+    old_engine = weakref.ref(ds.engine)
     pruned = [weakref.ref(p) for k, p in adapter_params(model).items() if k.startswith(f"layers.{layers[0]}.experts.0.")]
-    restructure(trainer, new_plan)
+    ds, _ = change_structure(model, ds, Change(plan=new_plan), build)
     gc.collect()
     assert old_engine() is None, "the old engine stays alive (hook leak)"
     assert all(ref() is None for ref in pruned), "a pruned adapter (and the flat buffer it views) stays alive"
     params = adapter_params(model)
     assert f"layers.{layers[0]}.experts.0.up_proj.lora_A" not in params  # pruned: gone from the model...
-    in_optimizer = {id(p) for g in trainer.engine.optimizer.bit16_groups for p in g}
+    in_optimizer = {id(p) for g in ds.engine.optimizer.bit16_groups for p in g}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}  # ...and from the optimizer
     assert all(id(p) in in_optimizer for p in params.values() if p.requires_grad)
-    link_optimizer_state(trainer.engine)
+    link_optimizer_state(ds.engine)
     for k, v in before.items():
         got = safe_get_full_optimizer_state(params[k], "exp_avg")
         assert torch.equal(got, v), f"{k}: state not carried {(got - v).abs().max()} {v.abs().max()} {got.abs().max()}"
     if survivor in params:
         assert params[survivor].shape[1] > 4
     step()  # training goes on
-    trainer.engine.destroy()
+    ds.engine.destroy()
 
 
 def test_restructure_under_zero2_prunes_grows_and_frees_the_old_engine():
@@ -213,7 +215,7 @@ def test_restructure_under_zero2_prunes_grows_and_frees_the_old_engine():
 
 
 def test_global_magnitude_threshold_keeps_the_share():
-    from moe_dist.methods.hellori import global_magnitude_threshold
+    from moe_dist.adapters.lori import global_magnitude_threshold
 
     x = [torch.arange(1, 101, dtype=torch.float32).reshape(10, 10), -torch.arange(101, 201, dtype=torch.float32)]
     t = global_magnitude_threshold(x, 0.1)
@@ -244,9 +246,10 @@ def _tiny_dense():
 
 
 def test_lora_moe_on_a_dense_model_prunes_physically_and_drops_lb():
-    from moe_dist.methods.dmep import dmep_targets, initial_plan, load_balancing_loss, lora_moe_modules, set_load_balancing
+    from moe_dist.adapters.lora_moe import lora_moe_modules
+    from moe_dist.methods.dmep import dmep_targets, initial_plan, load_balancing_loss, set_load_balancing
     from moe_dist.models.convert import convert_dense_model
-    from moe_dist.train.restructure import apply_plan
+    from moe_dist.train.structure import apply_plan
 
     hf = _tiny_dense()
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))

@@ -15,7 +15,7 @@ from dist_utils import run_distributed
 from reference import build_hf, set_b_values
 from moe_dist.models.arch import moe_layer_indices
 from moe_dist.models.convert import adapter_params, convert_model
-from moe_dist.moe.experts import permute_slots_
+from moe_dist.parallel.move import permute_slots_
 from moe_dist.parallel.balance import balanced_placement, expert_costs_E, imbalance, rank_loads_P
 from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.plan import AdapterPlan
@@ -82,7 +82,8 @@ def shuffled(num_experts: int, ep: int, seed: int) -> ExpertPlacement:
 
 
 def _move_keeps_logits_and_state(rank: int, world: int, ep: int, arch: str = "olmoe") -> None:
-    from moe_dist.train.repartition import move_experts
+    from moe_dist.parallel.move import move_experts
+    from moe_dist.routing import experts_modules
 
     torch.manual_seed(0)
     hf = build_hf(arch)
@@ -104,7 +105,7 @@ def _move_keeps_logits_and_state(rank: int, world: int, ep: int, arch: str = "ol
         with torch.no_grad():
             before = model(input_ids=ids, use_cache=False).logits
         new = {layer: shuffled(8, ep, seed=layer + 10 * lori) for layer in layers}
-        values, optim, report = move_experts(model, plan, new, values, optim, with_moments=True)
+        values, optim, report = move_experts(experts_modules(model), plan, new, values, optim, with_moments=True)
         assert report.experts_moved > 0
         params = adapter_params(model)
         assert set(values) == set(params), set(values) ^ set(params)
@@ -144,41 +145,42 @@ FORCED = {2: [[1, 2, 6, 0], [3, 4, 5, 7]],  # EP rank 1 is left with no adapter:
 
 
 def _run(hf, plan, ep: int, stage: int, move_at: int | None, rank: int, check_gather: bool) -> list[float]:
-    import types
-
     from moe_dist.config import RunConfig
-    from moe_dist.train.checkpoint import fragment_full_state, full_state
+    from moe_dist.methods import Change
     from moe_dist.train.engine import build_engine
-    from moe_dist.train.repartition import repartition
+    from moe_dist.train.structure import change_structure, start_engine
+    from moe_dist.train.zero_state import fragment_full_state, full_state
 
     cfg = RunConfig()
     cfg.train.micro_batch, cfg.train.grad_accum, cfg.train.lr = 2, 2, 1e-2
     cfg.train.warmup_steps, cfg.train.steps = 2, 6
     cfg.ds_config = str(ROOT / f"ds_configs/zero{stage}.json")
     model = convert_model(copy.deepcopy(hf), plan, ep_size=ep)
-    trainer = types.SimpleNamespace(model=model, cfg=cfg, bf16=False, plan=plan, device=torch.device("cpu"))
-    trainer.engine, trainer.scheduler = build_engine(model, cfg, bf16=False)
+    build = lambda m: build_engine(m, cfg, bf16=False)  # noqa: E731
+    ds = start_engine(model, build)
     losses = []
     for step in range(cfg.train.steps):
         if step == move_at:
             if check_gather:  # the one-all-gather snapshot equals DeepSpeed's per-parameter API
-                fast, fast_optim = full_state(adapter_params(model), trainer.engine)
-                slow, slow_optim = fragment_full_state(adapter_params(model), trainer.engine)
+                fast, fast_optim = full_state(adapter_params(model), ds.engine)
+                slow, slow_optim = fragment_full_state(adapter_params(model), ds.engine)
                 assert fast.keys() == slow.keys() and fast_optim.keys() == slow_optim.keys() and fast_optim
                 assert all(torch.equal(fast[k], slow[k]) for k in fast)
                 assert all(torch.equal(fast_optim[k], slow_optim[k]) for k in fast_optim)
             layers = moe_layer_indices(hf.config)
-            report = repartition(trainer, {l: ExpertPlacement.from_lists(FORCED[ep]) for l in layers})
+            ds, change = change_structure(model, ds, Change(placements={l: ExpertPlacement.from_lists(FORCED[ep])
+                                                                         for l in layers}), build)
+            report = change.move
             assert report.experts_moved == len(layers) * (2 if ep == 2 else 5)
             assert report.bytes_moved > 0
         for micro in range(cfg.train.grad_accum):
             ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(100 * step + 10 * micro + rank))
-            loss = trainer.engine(input_ids=ids, labels=ids, use_cache=False).loss
-            trainer.engine.backward(loss)
-            trainer.engine.step()
+            loss = ds.engine(input_ids=ids, labels=ids, use_cache=False).loss
+            ds.engine.backward(loss)
+            ds.engine.step()
             losses.append(loss.item())
-    assert trainer.engine.global_steps == cfg.train.steps
-    trainer.engine.destroy()
+    assert ds.engine.global_steps == cfg.train.steps
+    ds.engine.destroy()
     return losses
 
 

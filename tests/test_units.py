@@ -203,7 +203,7 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
     biases and clamped gate on both."""
     import shutil
 
-    import moe_dist.moe.expert_loop as expert_loop
+    import moe_dist.kernels.expert_loop as expert_loop
     from reference import set_b_values
     from test_parity_distributed import mixed_plan
     from moe_dist.moe.experts import ExpertParallelExperts
@@ -227,7 +227,7 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
     for variant in ("grouped", "loop_python", "loop"):
         for m in model.modules():
             if isinstance(m, ExpertParallelExperts):
-                m.kernel = variant.split("_")[0]
+                m.set_kernel(variant.split("_")[0])
         monkeypatch.setattr(expert_loop, "_native_module", None if variant == "loop_python" else native)
         torch.set_num_threads(2)  # the compiled loop spreads experts over threads (CI runs with 1)
         try:
@@ -255,15 +255,20 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
 
 
 def test_fused_gate_up_target_is_validated():
-    from moe_dist.config import ConfigError, RunConfig
+    from moe_dist.config import ConfigError, RunConfig, load_config
 
     cfg = RunConfig()
     cfg.ds_config = "ds_configs/zero2.json"
-    for bad in ("gate_up_proj,gate_proj,down_proj", "gate_proj,w9", ""):
+    for bad in (["gate_up_proj", "gate_proj", "down_proj"], ["gate_proj", "w9"], []):
         cfg.lora.expert_targets = bad
         with pytest.raises(ConfigError, match="lora.expert_targets"):
             cfg.validate(2, 8)
-    cfg.lora.expert_targets = "gate_up_proj, down_proj"
-    assert cfg.lora.expert_target_list() == ("gate_up_proj", "down_proj")
+    # Lists in YAML; on the command line a comma string (or [a, b]) is a list too.
+    for given in ("gate_up_proj, down_proj", "[gate_up_proj, down_proj]"):
+        cfg = load_config(None, [f"lora.expert_targets={given}", "ds_config=ds_configs/zero2.json"])
+        assert cfg.lora.expert_target_list() == ("gate_up_proj", "down_proj")
+        cfg.validate(2, 8)
+    with pytest.raises(ConfigError, match="lora.expert_targets"):
+        load_config(None, ["lora.expert_targets=gate_proj,w9"]).validate(2, 8)
     with pytest.raises(ValueError, match="both a gate_up_proj"):
         AdapterPlan({(0, 1, "gate_up_proj"): 8, (0, 1, "up_proj"): 8})

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from moe_dist.adapters.lora import LoRAConfig, init_lora_A
+from moe_dist.kernels.expert_loop import SlotAdapter
+from moe_dist.kernels.grouped import grouped_mm_alignment
 from moe_dist.plan import expert_param_key
 
 
@@ -32,15 +34,6 @@ class RankBucket:
     names: tuple[str, ...]  # ParameterDict keys, in slot order
     scale: float
 
-    @property
-    def contiguous(self) -> bool:
-        return self.slots == tuple(range(self.slots[0], self.slots[-1] + 1))
-
-
-def grouped_mm_alignment(dtype: torch.dtype) -> int:
-    """torch._grouped_mm wants 16-byte strides: rank multiple of 4 in fp32, 8 in bf16."""
-    return max(1, 16 // torch.empty((), dtype=dtype).element_size())
-
 
 class ExpertLoRABank(nn.Module):
     def __init__(
@@ -48,13 +41,17 @@ class ExpertLoRABank(nn.Module):
         layer: int,
         local_experts: Sequence[int],
         ranks: Mapping[tuple[int, str], int],
-        dims: Mapping[str, tuple[int, int]],
+        layouts: Mapping[str, tuple[int, int, int, int]],
         config: LoRAConfig,
         lori: bool = False,
         device: torch.device | str | None = None,
     ):
+        """`layouts[proj]` = (in, out, lo, hi): the adapter's shape and the output columns it adds to
+        in its base projection (moe_dist.plan.expert_proj_layout)."""
         super().__init__()
         self.layer = layer
+        self.columns = {p: (lo, hi) for p, (_, _, lo, hi) in layouts.items()}
+        dims = {p: (in_f, out_f) for p, (in_f, out_f, _, _) in layouts.items()}
         self.local_experts = list(local_experts)
         self.config = config
         self.lori = lori
@@ -120,6 +117,38 @@ class ExpertLoRABank(nn.Module):
             A_GRI = nn.functional.pad(A_GRI, (0, 0, 0, pad))
             B_GOR = nn.functional.pad(B_GOR, (0, pad))
         return A_GRI.transpose(1, 2), B_GOR.transpose(1, 2)
+
+    def ranks(self) -> dict[tuple[int, str], int]:
+        """{(expert, projection): rank} of the adapters this bank holds."""
+        return {key: self.lora_A[name].shape[0] for name, key in self._keys.items()}
+
+    # ---- the CPU kernel's layout (moe_dist/kernels/expert_loop.py) ---------------------------
+    def loop_layout(self, projs: tuple[str, ...]) -> tuple[list[list[SlotAdapter]], list[tuple]]:
+        """Per local slot, its adapters among `projs` as kernel entries, and the (A, B, mask)
+        triples they index (entry j reads tensors 2j, 2j+1). Fixed for the bank's lifetime."""
+        slots, triples = [], []
+        for expert in self.local_experts:
+            mine = []
+            for proj in projs:
+                name = f"{expert}_{proj}"
+                if name not in self.lora_A:
+                    continue
+                A, B = self.lora_A[name], self.lora_B[name]
+                triples.append((A, B, getattr(self, f"mask_{name}") if self.lori else None))
+                mine.append(SlotAdapter(2 * len(triples) - 2, 2 * len(triples) - 1, *self.columns[proj],
+                                        self.config.scale(A.shape[0])))
+            slots.append(mine)
+        return slots, triples
+
+    @staticmethod
+    def loop_tensors(triples: list[tuple], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The current tensors of a `loop_layout`, in `dtype`, LoRI's mask applied to B."""
+        tensors = []
+        for A, B, mask in triples:
+            if mask is not None:
+                B = B * mask
+            tensors += [A if A.dtype == dtype else A.to(dtype), B if B.dtype == dtype else B.to(dtype)]
+        return tensors
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """Every adapter tensor (trainable or LoRI-frozen A) under its logical key."""

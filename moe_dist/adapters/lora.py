@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_dist.moe.expert_loop import ExpertLoopLinear, SlotAdapter
+from moe_dist.kernels.expert_loop import ExpertLoopLinear, SlotAdapter
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,14 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(rank) if self.rslora else rank)
 
 
-def _key_seed(seed: int, key: str) -> int:
+def key_seed(seed: int, key: str) -> int:
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def init_lora_A(rank: int, in_features: int, key: str, seed: int) -> torch.Tensor:
     """Kaiming-uniform(a=sqrt(5)) like nn.Linear and PEFT, from a generator seeded by `key`."""
-    gen = torch.Generator().manual_seed(_key_seed(seed, key))
+    gen = torch.Generator().manual_seed(key_seed(seed, key))
     bound = 1.0 / math.sqrt(in_features)
     return (torch.rand(rank, in_features, generator=gen, dtype=torch.float32) * 2 - 1) * bound
 

@@ -94,3 +94,8 @@ class LoRAMoELinear(nn.Module):
             else:
                 self.aux_loss = None
         return y + delta_TO.view(*y.shape[:-1], -1).to(y.dtype)
+
+
+def lora_moe_modules(model: nn.Module) -> list[LoRAMoELinear]:
+    """In a fixed order (layer, path): every rank has every module, so it is the same order."""
+    return sorted((m for m in model.modules() if isinstance(m, LoRAMoELinear)), key=lambda m: (m.layer, m.path))

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from moe_dist.config import EXPORT_FORMATS
 from moe_dist.export.base import check_plan_fits, describe_base
 from moe_dist.export.inference import export_native, load_for_inference
 from moe_dist.export.output import EXPORT_INFO, check_output_dir, staged_dir, write_info
 from moe_dist.export.trained import ExportError, TrainedCheckpoint
 
-FORMATS = ("merged", "peft", "vllm", "moe_dist")
+FORMATS = EXPORT_FORMATS
 UNMERGEABLE = ("merged", "peft", "vllm")
 DTYPES = {"": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}

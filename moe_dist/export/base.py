@@ -38,17 +38,6 @@ class BaseModel:
         return weight_map, files
 
 
-def shape_summary(config) -> dict:
-    """What a checkpoint records of its base model, to check an export's base against."""
-    out = {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
-           "hidden_size": config.hidden_size}
-    try:
-        spec = arch_spec(config)
-    except UnsupportedModelError:
-        return out
-    return dict(out, **{spec.num_experts_attr: spec.num_experts, spec.intermediate_attr: spec.intermediate})
-
-
 def describe_base(directory: Path) -> BaseModel:
     from transformers import AutoConfig
 

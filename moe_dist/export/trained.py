@@ -126,7 +126,7 @@ class TrainedCheckpoint:
         recorded = self.state.get("model_dir")
         if recorded and (Path(recorded) / "config.json").is_file():
             return Path(recorded)
-        from moe_dist.train.trainer import resolve_model_path
+        from moe_dist.train.setup import resolve_model_path
 
         try:
             return resolve_model_path(self.config)

@@ -19,22 +19,51 @@ Choices the summary leaves open, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_dist.adapters.lora_moe import LoRAMoELinear
+from moe_dist.adapters.lora_moe import lora_moe_modules
+from moe_dist.methods.base import Change, Method, register
+from moe_dist.models.arch import arch_spec, attention_targets, is_moe
 from moe_dist.plan import ATTENTION_PROJECTIONS, AdapterPlan
+from moe_dist.validation import ConfigError, non_negative, positive
+
+
+@dataclass
+class DmepSection:
+    """method: dmep (the choices and their reasons are in this file's docstring)."""
+
+    num_experts: int = 8  # LoRA experts per target module (rank: lora.rank)
+    top_k: int = 2
+    targets: list[str] = field(default_factory=list)  # [] (auto), or paths in a layer: [self_attn.q_proj, mlp.up_proj]
+    lb_coef: float = 0.01  # load-balancing loss weight until the last prune point
+    prune_start: int = 40  # first prune point (step)
+    prune_interval: int = 20
+    prune_times: int = 2  # prune points: prune_start + i * prune_interval, i < prune_times
+    util_threshold: float = 0.8  # prune below util_threshold / N of the module's selections
+
+    def validate(self, path: str) -> None:
+        if not 0 < self.top_k <= self.num_experts:
+            raise ConfigError(f"{path}.top_k ({self.top_k}) must be in 1..{path}.num_experts ({self.num_experts})")
+        positive(self, path, "prune_start", "prune_interval")
+        non_negative(self, path, "prune_times", "util_threshold", "lb_coef")
+
+    def prune_points(self) -> list[int]:
+        return [self.prune_start + i * self.prune_interval for i in range(self.prune_times)]
 
 DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def dmep_targets(num_layers: int, dense: bool, targets: str = "auto",
+def dmep_targets(num_layers: int, dense: bool, targets: list[str] | tuple[str, ...] = (),
                  attention: dict[int, list[str]] | None = None) -> list[tuple[int, str]]:
-    """(layer, module path) of every LoRA-MoE. `attention`: the MoE architecture's attention
-    paths per layer (moe_dist.models.arch.attention_targets); dense models use q,k,v,o."""
-    if targets != "auto":
-        paths = [t.strip() for t in targets.split(",") if t.strip()]
+    """(layer, module path) of every LoRA-MoE. `targets`: paths in each layer, or empty (or
+    ["auto"]) for the default; `attention`: the MoE architecture's attention paths per layer
+    (moe_dist.models.arch.attention_targets); dense models use q,k,v,o."""
+    paths = [t.strip() for t in targets if t.strip() and t.strip() != "auto"]
+    if paths:
         return [(layer, path) for layer in range(num_layers) for path in paths]
     if attention is None:
         attention = {layer: [f"self_attn.{p}" for p in ATTENTION_PROJECTIONS] for layer in range(num_layers)}
@@ -45,11 +74,6 @@ def dmep_targets(num_layers: int, dense: bool, targets: str = "auto",
 def initial_plan(targets: list[tuple[int, str]], num_experts: int, rank: int, top_k: int) -> AdapterPlan:
     return AdapterPlan(lora_moe={t: tuple(range(num_experts)) for t in targets}, lora_moe_rank=rank,
                        lora_moe_top_k=top_k)
-
-
-def lora_moe_modules(model: nn.Module) -> list[LoRAMoELinear]:
-    """In a fixed order (layer, path): every rank has every module, so it is the same order."""
-    return sorted((m for m in model.modules() if isinstance(m, LoRAMoELinear)), key=lambda m: (m.layer, m.path))
 
 
 def collect_utilisation(model: nn.Module, reset: bool = True) -> dict[tuple[int, str], dict[int, float]]:
@@ -95,3 +119,47 @@ def set_load_balancing(model: nn.Module, enabled: bool) -> None:
 def load_balancing_loss(model: nn.Module) -> torch.Tensor | None:
     losses = [m.aux_loss for m in lora_moe_modules(model) if m.lb_enabled and m.aux_loss is not None]
     return torch.stack(losses).mean() if losses else None
+
+
+@register
+class DMEP(Method):
+    name = "dmep"
+    sections = {"dmep": DmepSection}
+    exports_as_lora = False  # a router in every module: no fixed W + s*B*A
+
+    def plan_from_config(self, hf) -> AdapterPlan:
+        cfg, d = self.cfg, self.cfg.dmep
+        attention = None
+        if is_moe(hf):
+            spec = arch_spec(hf)
+            attention = {layer: [f"{spec.attention_module(layer)}.{p}" for p in projs]
+                         for layer, projs in attention_targets(hf, cfg.lora.attention_target_list()).items()}
+        targets = dmep_targets(hf.num_hidden_layers, dense=not is_moe(hf), targets=d.targets, attention=attention)
+        return initial_plan(targets, d.num_experts, cfg.lora.rank, d.top_k)
+
+    def last_prune_passed(self, step: int) -> bool:
+        points = self.cfg.dmep.prune_points()
+        return bool(points) and step >= points[-1]
+
+    def prepare(self, model: nn.Module, step: int) -> None:
+        """The load-balancing loss goes off once the last prune point has passed (survivors
+        specialise); uniform LoRA-MoE (no prune points) keeps it."""
+        if self.last_prune_passed(step):
+            set_load_balancing(model, False)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        lb = load_balancing_loss(model)  # None once off
+        return None if lb is None else self.cfg.dmep.lb_coef * lb
+
+    def decides_at(self, step: int) -> bool:
+        return step in self.cfg.dmep.prune_points() and step < self.cfg.train.steps
+
+    def decide(self, step: int, model: nn.Module, plan: AdapterPlan) -> Change:
+        """Utilisation since the last decision (all ranks) -> per-module prune."""
+        new = prune_plan(collect_utilisation(model), plan, self.cfg.dmep.util_threshold)
+        before = sum(len(v) for v in plan.lora_moe.values())
+        after = sum(len(v) for v in new.lora_moe.values())
+        widths = sorted(len(v) for v in new.lora_moe.values())
+        return Change(plan=new, summary=f"dmep step {step}: LoRA experts {before} -> {after} over {len(new.lora_moe)} "
+                                        f"modules (widths {widths[0]}..{widths[-1]}); load balancing "
+                                        f"{'off' if self.last_prune_passed(step) else 'on'}")

@@ -18,10 +18,33 @@ Choices the summary leaves open, and why:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from moe_dist.methods.base import Change, Method, register
 from moe_dist.plan import AdapterPlan
+from moe_dist.routing import RoutingStats, decayed_importance
+from moe_dist.validation import ConfigError, fraction, positive
+
+
+@dataclass
+class EpngSection:
+    """method: epng (the choices and their reasons are in this file's docstring)."""
+
+    warmup_steps: int = 20  # first prune/grow after this many steps
+    interval: int = 20  # then every `interval` steps
+    stop_step: int = 0  # no updates from this step on (0 = until the end)
+    prune_ratio: float = 0.25  # of the adapted experts, per update
+    grow_ratio: float = 0.25  # of the adapted experts receive the freed rank
+    decay: float = 0.9  # importance EMA
+    rank_unit: int = 4  # rank granularity of growth
+    max_rank: int = 64
+
+    def validate(self, path: str) -> None:
+        fraction(self, path, "prune_ratio", "grow_ratio", "decay")
+        positive(self, path, "interval", "rank_unit")
 
 
 def expert_rank(plan: AdapterPlan, layer: int, expert: int) -> int:
@@ -64,3 +87,59 @@ def prune_and_grow(importance_LE: torch.Tensor, layers: list[int], plan: Adapter
     projections = sorted({p for (_, _, p) in plan.expert_ranks})
     expert_ranks = {(l, e, p): r for (l, e), r in new_ranks.items() for p in projections}
     return AdapterPlan(expert_ranks=expert_ranks, attention_ranks=dict(plan.attention_ranks), lori=plan.lori)
+
+
+@register
+class EPnG(Method):
+    name = "epng"
+    sections = {"epng": EpngSection}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.importance_LE: torch.Tensor | None = None  # decayed importance, over the updates so far
+        self.window: RoutingStats | None = None  # routing since the last update
+
+    @classmethod
+    def validate(cls, cfg, num_experts: int | None) -> None:
+        super().validate(cfg, num_experts)
+        g = cfg.epng
+        if cfg.lora.rank % g.rank_unit:
+            raise ConfigError(f"lora.rank ({cfg.lora.rank}) must be a multiple of epng.rank_unit ({g.rank_unit})")
+        if g.max_rank < cfg.lora.rank:
+            raise ConfigError(f"epng.max_rank ({g.max_rank}) is below lora.rank ({cfg.lora.rank})")
+
+    def observe(self, stats: RoutingStats) -> None:
+        self.window = stats if self.window is None else self.window + stats
+
+    def decides_at(self, step: int) -> bool:
+        e = self.cfg.epng
+        return (step >= e.warmup_steps and (step - e.warmup_steps) % e.interval == 0 and step < self.cfg.train.steps
+                and not (e.stop_step and step >= e.stop_step))
+
+    def decide(self, step: int, model: nn.Module, plan: AdapterPlan) -> Change:
+        """Importance from the window since the last update -> the prune/grow plan; the experts
+        are rebalanced for it on the same window (the trainer does that in the same rebuild)."""
+        e = self.cfg.epng
+        window, self.window = self.window, None
+        self.importance_LE = decayed_importance(self.importance_LE, window, e.decay)
+        new = prune_and_grow(self.importance_LE, window.layers, plan, e.prune_ratio, e.grow_ratio, e.rank_unit,
+                             e.max_rank)
+        if new == plan:
+            return Change(plan=new)
+        pruned = sorted({(l, x) for (l, x, _) in plan.expert_ranks} - {(l, x) for (l, x, _) in new.expert_ranks})
+        grown = sorted({(l, x) for (l, x, p), r in new.expert_ranks.items() if r > plan.rank(l, x, p)})
+        return Change(plan=new, routing=window,
+                      summary=f"epng step {step}: pruned {len(pruned)} expert adapters {pruned}, grew {grown}; "
+                              f"rank budget {sum(plan.expert_ranks.values())} -> {sum(new.expert_ranks.values())}")
+
+    def state_dict(self) -> dict:
+        w = self.window
+        return {"importance_LE": None if self.importance_LE is None else self.importance_LE.tolist(),
+                "window": None if w is None else {"layers": w.layers, "tokens_LE": w.tokens_LE.tolist(),
+                                                  "mass_LE": w.mass_LE.tolist()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        imp, w = state.get("importance_LE"), state.get("window")
+        self.importance_LE = None if imp is None else torch.tensor(imp, dtype=torch.float64)
+        self.window = None if w is None else RoutingStats(w["layers"], torch.tensor(w["tokens_LE"], dtype=torch.float64),
+                                                          torch.tensor(w["mass_LE"], dtype=torch.float64))

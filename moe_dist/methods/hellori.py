@@ -1,56 +1,52 @@
-"""HELLoRI: HELLoRA's hot-expert placement with LoRI adapters, as the public LoRI code does it:
-A frozen at its seeded random initialisation; stage 1 trains B dense; then one global
-magnitude threshold over every expert adapter's B keeps the top (1 - sparsity) entries
-(sparsity 0.9 by default); stage 2 restarts B at zero with the same frozen A and trains it
-under that mask (the forward multiplies B by the mask, so gradients outside it are zero and
-B stays zero there), with a 10x learning rate (LoRI's choice for the sparse stage).
-
-The threshold is found by bisection on all-reduced counts (|B| > t summed over ranks, each
-EP shard counted once), so no rank ever gathers every adapter and all ranks get the same t.
-"""
+"""HELLoRI: HELLoRA's hot-expert placement with LoRI adapters (A frozen at its seeded random
+initialisation, B sparse). Stage 1 trains B dense for `stage1_steps`; then one global
+magnitude threshold keeps the top (1 - sparsity) of B's entries (moe_dist/adapters/lori.py),
+B restarts at zero under that mask with fresh optimizer state, and the expert adapters'
+learning rate goes up `stage2_lr_scale` times (LoRI's choice for the sparse stage; attention
+adapters stay plain LoRA on the normal schedule)."""
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
+from dataclasses import dataclass
 
-from moe_dist.parallel.groups import writes_canonical_copy
+from torch import nn
 
-
-def global_magnitude_threshold(tensors: list[torch.Tensor], keep_fraction: float, iterations: int = 60) -> float:
-    """Smallest t with (#|x| > t over all ranks' tensors) <= keep_fraction x total. Collective."""
-    flat = torch.cat([t.detach().abs().reshape(-1).to(torch.float64) for t in tensors]) if tensors else torch.zeros(0)
-    stats = torch.tensor([flat.numel(), flat.max().item() if flat.numel() else 0.0], dtype=torch.float64)
-    if dist.is_initialized():
-        total = stats[:1].clone()
-        dist.all_reduce(total)
-        hi = stats[1:].clone()
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        stats = torch.cat([total, hi])
-    total, lo, hi = stats[0].item(), 0.0, stats[1].item()
-    target = keep_fraction * total
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        count = torch.tensor([(flat > mid).sum().item()], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(count)
-        if count.item() > target:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+from moe_dist.methods.base import Change, register
+from moe_dist.methods.hellora import HELLoRA
+from moe_dist.plan import AdapterPlan
+from moe_dist.validation import ConfigError, fraction
 
 
-def sparsify_lori(params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor], sparsity: float
-                  ) -> tuple[float, float]:
-    """Set every LoRI mask from its B's magnitude; returns (threshold, kept fraction here)."""
-    keys = sorted(masks)
-    canonical = [params[k] for k in keys if writes_canonical_copy(params[k])]
-    t = global_magnitude_threshold(canonical, 1.0 - sparsity)
-    kept = total = 0
-    with torch.no_grad():
-        for k in keys:
-            masks[k].copy_((params[k].detach().abs() > t).to(masks[k].dtype))
-            kept += int(masks[k].sum().item())
-            total += masks[k].numel()
-    return t, kept / max(total, 1)
+@dataclass
+class HelloriSection:
+    """method: hellori = hellora placement (the hellora section) + LoRI adapters."""
+
+    stage1_steps: int = 50  # dense-B steps before the mask is taken
+    sparsity: float = 0.9  # share of B entries masked out
+    stage2_lr_scale: float = 10.0
+
+    def validate(self, path: str) -> None:
+        fraction(self, path, "sparsity")
+
+
+@register
+class HELLoRI(HELLoRA):
+    name = "hellori"
+    sections = {"hellori": HelloriSection}
+    uses_sections = ("hellora",)
+    lori = True
+
+    @classmethod
+    def validate(cls, cfg, num_experts: int | None) -> None:
+        super().validate(cfg, num_experts)
+        if not 0 < cfg.hellori.stage1_steps < cfg.train.steps:
+            raise ConfigError(f"hellori.stage1_steps ({cfg.hellori.stage1_steps}) must be in 1..train.steps-1")
+
+    def decides_at(self, step: int) -> bool:
+        return step == self.cfg.hellori.stage1_steps
+
+    def decide(self, step: int, model: nn.Module, plan: AdapterPlan) -> Change:
+        h = self.cfg.hellori
+        return Change(lori_sparsity=h.sparsity, expert_lr_scale=h.stage2_lr_scale,
+                      summary=f"hellori step {step}: LoRI stage 2, B restarted at zero under the masks, "
+                              f"expert-adapter lr x{h.stage2_lr_scale}")

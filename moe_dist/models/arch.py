@@ -332,6 +332,25 @@ def moe_blocks(model: nn.Module, spec: ArchSpec) -> dict[int, nn.Module]:
     return out
 
 
+def is_moe(config) -> bool:
+    """Whether moe_dist can swap this model's experts (False: dense, DMEP's plain data parallel)."""
+    try:
+        arch_spec(config)
+        return True
+    except UnsupportedModelError:
+        return False
+
+
+def shape_summary(config) -> dict:
+    """What a checkpoint records of its base model, to check an export's base against."""
+    out = {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+           "hidden_size": config.hidden_size}
+    if not is_moe(config):
+        return out
+    spec = arch_spec(config)
+    return dict(out, **{spec.num_experts_attr: spec.num_experts, spec.intermediate_attr: spec.intermediate})
+
+
 def moe_layer_indices(config) -> list[int]:
     """MoE layer indices from the config alone (planning, meta builds)."""
     return list(arch_spec(config).moe_layers)

@@ -14,72 +14,21 @@ result is added in place to the base output rows of those experts (W + BA never 
 from __future__ import annotations
 
 import itertools
-
 from typing import Callable, Mapping
 
 import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from moe_dist.adapters.expert_bank import ExpertLoRABank, RankBucket
+from moe_dist.adapters.expert_bank import ExpertLoRABank
 from moe_dist.adapters.lora import LoRAConfig
+from moe_dist.kernels.expert_loop import ExpertLoopLinear
+from moe_dist.kernels.grouped import add_lora_delta_, grouped_mm
 from moe_dist.moe.activation import gated_act
 from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher
-from moe_dist.moe.expert_loop import ExpertLoopLinear, SlotAdapter
 from moe_dist.parallel.groups import ExpertGroups, mark_expert_param
-from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.parallel.placement import ExpertPlacement, slot_order
 from moe_dist.plan import EXPERT_PROJECTIONS, expert_proj_layout
-
-
-def grouped_mm(x_MI: torch.Tensor, w_GIO: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(x_MI, w_GIO, offs=offs_G)
-
-
-def _slot_rows(bucket: RankBucket, starts: list[int], counts: list[int], device) -> torch.Tensor:
-    idx = [torch.arange(starts[s], starts[s] + counts[s]) for s in bucket.slots]
-    return torch.cat(idx).to(device)
-
-
-def _lora_delta(
-    A_GIR: torch.Tensor,
-    B_GRO: torch.Tensor,
-    bucket: RankBucket,
-    x_MI: torch.Tensor,
-    out_MO: torch.Tensor,
-    starts: list[int],
-    counts: list[int],
-) -> None:
-    """out[rows of bucket experts] += x[rows] @ A^T @ B^T (scale is in B), in place, grouped."""
-    offs_G = torch.tensor([counts[s] for s in bucket.slots], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    offs_G = offs_G.to(x_MI.device)
-    if bucket.contiguous:
-        lo = starts[bucket.slots[0]]
-        hi = starts[bucket.slots[-1]] + counts[bucket.slots[-1]]
-        delta = grouped_mm(grouped_mm(x_MI[lo:hi], A_GIR, offs_G), B_GRO, offs_G)
-        out_MO[lo:hi] += delta
-    else:
-        rows = _slot_rows(bucket, starts, counts, x_MI.device)
-        delta = grouped_mm(grouped_mm(x_MI.index_select(0, rows), A_GIR, offs_G), B_GRO, offs_G)
-        out_MO.index_add_(0, rows, delta)
-
-
-def permute_slots_(w_e__: torch.Tensor, src: list[int]) -> None:
-    """In place, w[i] <- w[src[i]] for a permutation `src`, one slot of scratch per cycle."""
-    done = [False] * len(src)
-    for i in range(len(src)):
-        if done[i] or src[i] == i:
-            done[i] = True
-            continue
-        scratch = w_e__[i].clone()
-        j = i
-        while True:
-            done[j] = True
-            k = src[j]
-            if k == i:
-                w_e__[j].copy_(scratch)
-                break
-            w_e__[j].copy_(w_e__[k])
-            j = k
 
 
 class ExpertParallelExperts(MoE):
@@ -107,9 +56,11 @@ class ExpertParallelExperts(MoE):
         adapter_dtype: torch.dtype = torch.float32,
         biases: bool = False,
         gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        kernel: str = "auto",
     ):
         """`biases`: frozen per-expert biases after each projection (gpt-oss); `gate_fn`: the
-        architecture's own activation on the [gate | up] rows instead of act_fn(gate) * up."""
+        architecture's own activation on the [gate | up] rows instead of act_fn(gate) * up;
+        `kernel` (config `moe.kernel`): see `set_kernel`."""
         nn.Module.__init__(self)
         if placement.num_experts != num_experts:
             raise ValueError(f"layer {layer}: placement covers {placement.num_experts} experts, layer has {num_experts}")
@@ -126,7 +77,7 @@ class ExpertParallelExperts(MoE):
         self.placement = placement
         self.groups = groups
         self.lora, self.lori, self.adapter_dtype = lora, lori, adapter_dtype
-        self.experts_by_rank = self._slot_order(ranks)
+        self.experts_by_rank = slot_order(placement, ranks)
         self.local_experts = self.experts_by_rank[groups.ep_rank]
         self.num_local_experts = len(self.local_experts)
         e, F, D = self.num_local_experts, intermediate_size, hidden_size
@@ -145,6 +96,7 @@ class ExpertParallelExperts(MoE):
         self.register_buffer("routed_tokens_E", torch.zeros(num_experts, dtype=torch.long, device=device),
                              persistent=False)
         self.dispatcher = self._make_dispatcher(device)
+        self.set_kernel(kernel)
 
     def base_weights(self) -> dict[str, nn.Parameter]:
         """The frozen per-expert tensors (slot-major), by name: what a move carries."""
@@ -153,16 +105,10 @@ class ExpertParallelExperts(MoE):
             out.update(gate_up_bias=self.gate_up_bias, down_bias=self.down_bias)
         return out
 
-    def _slot_order(self, ranks: Mapping[tuple[int, str], int]) -> list[list[int]]:
-        """Local slot order groups experts with equal adapter ranks, so rank buckets are
-        contiguous row ranges (no gather) in the common case. It is derived from the plan,
-        identical on every rank, so all ranks agree on every rank's slot order."""
-        signature = lambda e: (tuple(-ranks.get((e, p), 0) for p in EXPERT_PROJECTIONS), e)  # noqa: E731
-        return [sorted(self.placement.experts_of(r), key=signature) for r in range(self.placement.ep_size)]
-
     def _build_adapters(self, ranks: Mapping[tuple[int, str], int], device) -> None:
-        dims = {p: expert_proj_layout(p, self.hidden_size, self.intermediate_size)[:2] for p in EXPERT_PROJECTIONS}
-        self.adapters = ExpertLoRABank(self.layer, self.local_experts, ranks, dims, self.lora, self.lori, device=device)
+        layouts = {p: expert_proj_layout(p, self.hidden_size, self.intermediate_size) for p in EXPERT_PROJECTIONS}
+        self.adapters = ExpertLoRABank(self.layer, self.local_experts, ranks, layouts, self.lora, self.lori,
+                                       device=device)
         self.adapters.to(self.adapter_dtype)
         # ZeRO needs >= 1 trainable expert parameter on every rank; a rank whose experts carry
         # no adapter gets a one-element anchor that takes part in forward with weight 0.
@@ -172,52 +118,25 @@ class ExpertParallelExperts(MoE):
             mark_expert_param(self.anchor, self.ep_size)
         for p in self.adapters.parameters():
             mark_expert_param(p, self.ep_size)
-        self._loop_layouts: dict = {}  # projections -> per-slot adapter entries (compute_loop)
+        self._loop_layouts: dict = {}  # projections -> the bank's loop_layout (compute_loop)
 
-    def set_adapter_ranks(self, ranks: Mapping[tuple[int, str], int]) -> None:
-        """Replace this layer's adapters by fresh ones of the given ranks (a structure change).
+    def reassign(self, placement: ExpertPlacement, ranks: Mapping[tuple[int, str], int]) -> None:
+        """Own the experts `placement` gives this rank, with fresh adapters of the given ranks
+        (A seeded by key, B zero: the caller carries values over by logical key).
 
-        The experts a rank owns stay; their local slot order follows the new ranks, so the
-        base weights are permuted to match and the dispatcher is rebuilt. New adapters start
-        at their initialisation (A seeded by key, B zero): the caller carries surviving values
-        over by logical key."""
-        self.set_placement(self.placement, ranks, {})
-
-    def set_placement(self, placement: ExpertPlacement, ranks: Mapping[tuple[int, str], int],
-                      arriving: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
-        """Own the experts `placement` gives this rank, with adapters of the given ranks.
-
-        `arriving[e]` = {base weight name: tensor} (see `base_weights`) of each expert that
-        comes from another rank.
-        Base weights change in place (leaving experts' slots take arriving ones, then a cycle
-        permutation into the new slot order), so the extra memory is one expert's slice.
-        Adapters are rebuilt fresh, as in set_adapter_ranks."""
+        The base weights must already be in the new slot order (`slot_order(placement,
+        ranks)`): moe_dist.parallel.move.rehome_experts moves and permutes them, then calls this."""
         if placement.num_experts != self.num_experts or placement.ep_size != self.ep_size:
             raise ValueError(f"layer {self.layer}: placement for {placement.num_experts} experts / EP "
                              f"{placement.ep_size}, layer has {self.num_experts} / EP {self.ep_size}")
+        new_order = slot_order(placement, ranks)
+        if len(new_order[self.groups.ep_rank]) != len(self.local_experts):
+            raise ValueError(f"layer {self.layer}: EP rank {self.groups.ep_rank} would own "
+                             f"{len(new_order[self.groups.ep_rank])} experts, it holds {len(self.local_experts)}; "
+                             "placements keep the count per rank")
         device = self.gate_up_proj.device
-        self.placement = placement
-        self.experts_by_rank = self._slot_order(ranks)
-        new_local = self.experts_by_rank[self.groups.ep_rank]
-        if len(new_local) != len(self.local_experts):
-            raise ValueError(f"layer {self.layer}: EP rank {self.groups.ep_rank} would own {len(new_local)} experts, "
-                             f"it holds {len(self.local_experts)}; placements keep the count per rank")
-        slot_of = {e: s for s, e in enumerate(self.local_experts)}
-        leaving = [s for s, e in enumerate(self.local_experts) if e not in new_local]
-        coming = [e for e in new_local if e not in slot_of]
-        missing = [e for e in coming if e not in arriving]
-        if missing:
-            raise ValueError(f"layer {self.layer}: EP rank {self.groups.ep_rank} gets experts {missing} without weights")
-        weights = self.base_weights()
-        with torch.no_grad():
-            for s, e in zip(leaving, coming, strict=True):
-                for name, w in weights.items():
-                    w[s].copy_(arriving[e][name])
-                slot_of[e] = s
-            src = [slot_of[e] for e in new_local]
-            for w in weights.values():
-                permute_slots_(w.data, src)
-        self.local_experts = new_local
+        self.placement, self.experts_by_rank = placement, new_order
+        self.local_experts = new_order[self.groups.ep_rank]
         self._build_adapters(ranks, device)
         self.dispatcher = self._make_dispatcher(device)
 
@@ -236,48 +155,32 @@ class ExpertParallelExperts(MoE):
         return out
 
     # ---- compute ----------------------------------------------------------------------
-    kernel = "auto"  # "auto": the per-expert loop on CPU, grouped matmuls elsewhere; or "loop" / "grouped"
+    KERNELS = ("auto", "loop", "grouped")
+
+    def set_kernel(self, kernel: str) -> None:
+        """`loop`: per expert, LoRA added in place (moe_dist/kernels/expert_loop.py, the fast
+        one on CPU); `grouped`: grouped matmuls over rank buckets (one kernel each on GPU);
+        `auto`: loop for CPU tensors, grouped otherwise, by where the rows are."""
+        if kernel not in self.KERNELS:
+            raise ValueError(f"moe.kernel must be one of {self.KERNELS}, got {kernel!r}")
+        self.kernel = kernel
 
     def compute(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        use_loop = self.kernel == "loop" or (self.kernel == "auto" and x_MD.device.type == "cpu")
-        if use_loop:
+        if self.kernel == "loop" or (self.kernel == "auto" and x_MD.device.type == "cpu"):
             return self.compute_loop(x_MD, tokens_per_expert)
         return self.compute_grouped(x_MD, tokens_per_expert)
 
-    def _loop_adapters(self, projs: tuple[str, ...], dtype: torch.dtype
-                       ) -> tuple[list[list[SlotAdapter]], list[torch.Tensor]]:
-        """Per-slot adapter entries and the tensors they index. The structure is built once
-        per adapter layout (it changes only with `_build_adapters` or a move/cast); each call
-        only collects the current tensors, with LoRI's mask applied."""
+    def _loop_adapters(self, projs: tuple[str, ...], dtype: torch.dtype) -> tuple[list, list[torch.Tensor]]:
+        """The bank's loop layout for `projs` (built once per bank, device move or cast) and its
+        current tensors."""
         layout = self._loop_layouts.get(projs)
         if layout is None:
-            layout = self._loop_layouts[projs] = self._build_loop_layout(projs)
-        slots, pairs = layout
-        tensors = []
-        for A, B, mask in pairs:
-            if mask is not None:
-                B = B * mask
-            tensors += [A if A.dtype == dtype else A.to(dtype), B if B.dtype == dtype else B.to(dtype)]
-        return slots, tensors
-
-    def _build_loop_layout(self, projs: tuple[str, ...]):
-        bank = self.adapters
-        cols = {p: expert_proj_layout(p, self.hidden_size, self.intermediate_size)[2:] for p in projs}
-        slots, pairs = [], []
-        for expert in self.local_experts:
-            mine = []
-            for proj in projs:
-                name = f"{expert}_{proj}"
-                if name not in bank.lora_A:
-                    continue
-                A, B = bank.lora_A[name], bank.lora_B[name]
-                pairs.append((A, B, getattr(bank, f"mask_{name}") if bank.lori else None))
-                mine.append(SlotAdapter(2 * len(pairs) - 2, 2 * len(pairs) - 1, *cols[proj], bank.config.scale(A.shape[0])))
-            slots.append(mine)
-        return slots, pairs
+            layout = self._loop_layouts[projs] = self.adapters.loop_layout(projs)
+        slots, triples = layout
+        return slots, self.adapters.loop_tensors(triples, dtype)
 
     def compute_loop(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Per local expert, base GEMM with its LoRA added in place (moe_dist/moe/expert_loop.py)."""
+        """Per local expert, base GEMM with its LoRA added in place (moe_dist/kernels/expert_loop.py)."""
         x_MD = x_MD.to(self.gate_up_proj.dtype).contiguous()
         slots, tensors = self._loop_adapters(("gate_proj", "up_proj", "gate_up_proj"), x_MD.dtype)
         gate_up_M2F = ExpertLoopLinear.apply(x_MD, self.gate_up_proj, counts, slots, *tensors)
@@ -301,7 +204,6 @@ class ExpertParallelExperts(MoE):
 
     def compute_grouped(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Local experts on rows sorted by local slot: grouped base matmuls + adapter buckets."""
-        F = self.intermediate_size
         counts = tokens_per_expert
         starts = [0, *itertools.accumulate(counts)][:-1]
         offs_e = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_MD.device)
@@ -315,15 +217,14 @@ class ExpertParallelExperts(MoE):
         bank = self.adapters
         for gate, up in bank.gate_up_pairs:
             A, B = bank.stacked_gate_up(gate, up, x_MD.dtype)
-            _lora_delta(A, B, gate, x_MD, gate_up_M2F, starts, counts)
+            add_lora_delta_(A, B, gate.slots, x_MD, gate_up_M2F, starts, counts)
         for bucket in bank.gate_up_singles:
-            lo, hi = expert_proj_layout(bucket.proj, self.hidden_size, F)[2:]
-            cols = slice(lo, hi)
-            _lora_delta(*bank.stacked(bucket, x_MD.dtype), bucket, x_MD, gate_up_M2F[:, cols], starts, counts)
+            lo, hi = bank.columns[bucket.proj]
+            add_lora_delta_(*bank.stacked(bucket, x_MD.dtype), bucket.slots, x_MD, gate_up_M2F[:, lo:hi], starts, counts)
         h_MF = self._activate(self._add_bias(gate_up_M2F, self.gate_up_bias, counts))
         y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs_e)
         for bucket in bank.buckets["down_proj"]:
-            _lora_delta(*bank.stacked(bucket, h_MF.dtype), bucket, h_MF, y_MD, starts, counts)
+            add_lora_delta_(*bank.stacked(bucket, h_MF.dtype), bucket.slots, h_MF, y_MD, starts, counts)
         if self.anchor is not None:
             y_MD = y_MD + (self.anchor * 0).to(y_MD.dtype)
         return self._add_bias(y_MD, self.down_bias, counts)

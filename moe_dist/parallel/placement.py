@@ -8,7 +8,9 @@ are pure functions that return one of these.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
+
+from moe_dist.plan import EXPERT_PROJECTIONS
 
 
 @dataclass(frozen=True)
@@ -61,3 +63,12 @@ class ExpertPlacement:
     def to_dict(self) -> dict:
         return {"owner": list(self.owner), "ep_size": self.ep_size}
 
+
+
+def slot_order(placement: ExpertPlacement, ranks: Mapping[tuple[int, str], int]) -> list[list[int]]:
+    """Per EP rank, its experts in local slot order: experts with equal adapter ranks (per
+    projection, largest first) sit together, so each rank bucket is a contiguous row range in
+    the common case (no gather). Derived from the placement and the plan, which every rank
+    holds, so every rank knows every rank's order."""
+    signature = lambda e: (tuple(-ranks.get((e, p), 0) for p in EXPERT_PROJECTIONS), e)  # noqa: E731
+    return [sorted(placement.experts_of(r), key=signature) for r in range(placement.ep_size)]

@@ -37,7 +37,10 @@ class MetricsLogger:
         out.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(out / "tensorboard"))
         self.jsonl = open(out / "metrics.jsonl", "a")
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        # The bar appears with the first step (setup, which logs through `print`, comes first).
+        self._new_bar = lambda: tqdm(total=total_steps, initial=start_step, desc="train", unit="step",  # noqa: E731
+                                     dynamic_ncols=True)
+        self.bar = None
         self.t0 = time.time()
 
     def step(self, step: int, metrics: dict) -> None:
@@ -48,13 +51,18 @@ class MetricsLogger:
                 self.writer.add_scalar(f"train/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
-        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
+        self._bar().set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         self.print(f"step {step}: {shown}")
 
+    def _bar(self):
+        if self.bar is None:
+            self.bar = self._new_bar()
+        return self.bar
+
     def advance(self, n: int = 1) -> None:
         if self.enabled:
-            self.bar.update(n)
+            self._bar().update(n)
 
     def eval(self, step: int, result: dict) -> None:
         if self.enabled:
@@ -89,10 +97,11 @@ class MetricsLogger:
 
     def print(self, text: str) -> None:
         if self.enabled:
-            self.bar.write(text)
+            (self.bar.write if self.bar is not None else print)(text)
 
     def close(self) -> None:
         if self.enabled:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
             self.writer.close()
             self.jsonl.close()

@@ -1,31 +1,35 @@
-"""Rebalance experts across expert-parallel ranks without changing the math.
+"""Moving experts between expert-parallel ranks without changing the math.
 
     decide   balanced_placements (pure, moe_dist/parallel/balance.py) from all-reduced counts
-    snapshot teardown: fp32 masters + Adam moments by logical key, engine destroyed
     move     one all-to-all per EP group carries each moved expert's base weights, adapter
-             values, moments and LoRI mask to its new owner (moe_dist/parallel/migrate.py)
-    rebuild  a fresh DeepSpeed engine over the new parameter set, states restored exactly
+             values, moments and LoRI mask to its new owner (moe_dist/parallel/migrate.py);
+             base weights change in place (arriving experts take leaving experts' slots,
+             then a cycle permutation into the new slot order: one expert of scratch)
 
 Nothing but ownership changes: an expert's tensors keep their logical keys, so the restored
-optimizer state, checkpoints and the loss curve are the same as without the move.
+optimizer state, checkpoints and the loss curve are the same as without the move. The engine
+around it (snapshot, rebuild) is moe_dist/train/structure.py's; this module sees only the
+experts modules (`mods`: layer -> ExpertParallelExperts) and tensors by key.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from moe_dist.moe.experts import ExpertParallelExperts
+from moe_dist.optim import OPTIM_KEYS
 from moe_dist.parallel.balance import balanced_placements, imbalance, layer_costs, moved_experts
 from moe_dist.parallel.migrate import TensorSpec, exchange
-from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.parallel.placement import ExpertPlacement, slot_order
 from moe_dist.parallel.reduce import global_sum
 from moe_dist.plan import EXPERT_PROJECTIONS, AdapterPlan, expert_param_key, expert_proj_layout
-from moe_dist.routing import experts_modules
-from moe_dist.train import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from moe_dist.moe.experts import ExpertParallelExperts
+
+Experts = Mapping[int, "ExpertParallelExperts"]
 
 
 @dataclass
@@ -42,23 +46,70 @@ class MoveReport:
                 f"{self.experts_moved} experts moved, {self.bytes_moved / 2**20:.2f} MiB, {self.seconds:.2f}s")
 
 
-def current_placements(model: torch.nn.Module) -> dict[int, ExpertPlacement]:
-    return {layer: mod.placement for layer, mod in experts_modules(model).items()}
+def current_placements(mods: Experts) -> dict[int, ExpertPlacement]:
+    return {layer: mod.placement for layer, mod in mods.items()}
 
 
-def plan_placements(model: torch.nn.Module, plan: AdapterPlan, tokens_LE: torch.Tensor, layers: list[int],
+def plan_placements(mods: Experts, plan: AdapterPlan, tokens_LE: torch.Tensor, layers: list[int],
                     min_gain: float = 0.01) -> tuple[dict[int, ExpertPlacement], float, float]:
     """(new placements, expected imbalance now, after) for `plan` under the measured counts."""
-    mods = experts_modules(model)
     any_mod = next(iter(mods.values()))
-    D, F = any_mod.hidden_size, any_mod.intermediate_size
-    current = current_placements(model)
-    costs = layer_costs(plan, tokens_LE, layers, D, F)
+    current = current_placements(mods)
+    costs = layer_costs(plan, tokens_LE, layers, any_mod.hidden_size, any_mod.intermediate_size)
     new = balanced_placements(costs, any_mod.ep_size, current, min_gain)
     return new, imbalance(costs, current), imbalance(costs, new)
 
 
-def _expert_manifest(mod: ExpertParallelExperts, plan: AdapterPlan, expert: int, with_moments: bool
+def permute_slots_(w_e__: torch.Tensor, src: list[int]) -> None:
+    """In place, w[i] <- w[src[i]] for a permutation `src`, one slot of scratch per cycle."""
+    done = [False] * len(src)
+    for i in range(len(src)):
+        if done[i] or src[i] == i:
+            done[i] = True
+            continue
+        scratch = w_e__[i].clone()
+        j = i
+        while True:
+            done[j] = True
+            k = src[j]
+            if k == i:
+                w_e__[j].copy_(scratch)
+                break
+            w_e__[j].copy_(w_e__[k])
+            j = k
+
+
+def rehome_experts(mod: "ExpertParallelExperts", placement: ExpertPlacement, ranks: Mapping[tuple[int, str], int],
+                   arriving: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+    """Put `mod` on `placement` with adapters of `ranks` (fresh; values are carried by key).
+
+    `arriving[e]` = {base weight name: tensor} (see `base_weights`) of each expert that comes
+    from another rank. Leaving experts' slots take arriving ones, then one cycle permutation
+    puts every slot where the new slot order wants it (a new plan alone reorders slots too)."""
+    ep_rank = mod.groups.ep_rank
+    new_local = slot_order(placement, ranks)[ep_rank]
+    slot_of = {e: s for s, e in enumerate(mod.local_experts)}
+    leaving = [s for s, e in enumerate(mod.local_experts) if e not in new_local]
+    coming = [e for e in new_local if e not in slot_of]
+    missing = [e for e in coming if e not in arriving]
+    if missing:
+        raise ValueError(f"layer {mod.layer}: EP rank {ep_rank} gets experts {missing} without weights")
+    if len(leaving) != len(coming):
+        raise ValueError(f"layer {mod.layer}: EP rank {ep_rank} would own {len(new_local)} experts, it holds "
+                         f"{len(mod.local_experts)}; placements keep the count per rank")
+    weights = mod.base_weights()
+    with torch.no_grad():
+        for s, e in zip(leaving, coming):
+            for name, w in weights.items():
+                w[s].copy_(arriving[e][name])
+            slot_of[e] = s
+        src = [slot_of[e] for e in new_local]
+        for w in weights.values():
+            permute_slots_(w.data, src)
+    mod.reassign(placement, ranks)
+
+
+def _expert_manifest(mod: "ExpertParallelExperts", plan: AdapterPlan, expert: int, with_moments: bool
                      ) -> list[TensorSpec]:
     """Everything an expert owns, in a fixed order both sides derive from the plan."""
     D, F, layer = mod.hidden_size, mod.intermediate_size, mod.layer
@@ -75,29 +126,29 @@ def _expert_manifest(mod: ExpertParallelExperts, plan: AdapterPlan, expert: int,
         if with_moments:
             trained = [(b, (out_f, r))] if plan.lori else [(a, (r, in_f)), (b, (out_f, r))]  # LoRI's A is frozen
             for key, shape in trained:
-                specs += [TensorSpec(f"{key}/{n}", shape, torch.float32) for n in ckpt.OPTIM_KEYS]
+                specs += [TensorSpec(f"{key}/{n}", shape, torch.float32) for n in OPTIM_KEYS]
         if plan.lori:
             specs.append(TensorSpec(f"{b}.mask", (out_f, r), torch.float32))
     return specs
 
 
-def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int, ExpertPlacement], values: dict,
+def move_experts(mods: Experts, plan: AdapterPlan, placements: dict[int, ExpertPlacement], values: dict,
                  optim: dict, with_moments: bool) -> tuple[dict, dict, MoveReport]:
-    """Collective over each EP group: switch the model to `placements`, moving the base
-    weights of experts that change owner in place and their adapter values / moments
-    (`values`, `optim`: this rank's, by logical key, fp32 on the CPU) along.
+    """Collective over each EP group: switch the experts modules to `placements` (and the
+    plan's ranks), moving the base weights of experts that change owner in place and their
+    adapter values / moments (`values`, `optim`: this rank's, by logical key, fp32 on the CPU)
+    along.
 
     Returns this rank's values and moments for its new experts (plus every non-expert key);
-    the model's adapters are rebuilt fresh, the caller writes the values in (rebuild_engine).
-    A moved adapter with no entry in `values` travels as the model holds it; missing moments
-    travel as zeros (what a fresh Adam state is)."""
-    mods = experts_modules(model)
+    the adapters are rebuilt fresh, the caller writes the values in. A moved adapter with no
+    entry in `values` travels as the module holds it; missing moments travel as zeros (what a
+    fresh Adam state is)."""
     report = MoveReport()
     if not mods:
         return values, optim, report
     any_mod = next(iter(mods.values()))
     ep_size, ep_rank, device = any_mod.ep_size, any_mod.groups.ep_rank, any_mod.gate_up_proj.device
-    old = current_placements(model)
+    old = current_placements(mods)
     for layer, new in placements.items():  # checked before any collective: every rank raises alike
         counts = lambda p: [len(p.experts_of(r)) for r in range(p.ep_size)]  # noqa: E731
         if new.ep_size != ep_size or counts(new) != counts(old[layer]):
@@ -105,8 +156,7 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
                              f"the new placement has {counts(new)} over EP {new.ep_size}")
     moving = {layer: experts for layer, experts in moved_experts(old, placements).items() if experts}
     report.experts_moved = sum(len(v) for v in moving.values())
-    params = {}
-    masks = {}
+    params, masks = {}, {}
     for mod in mods.values():
         params.update(mod.adapter_params())
         masks.update(mod.adapters.lori_masks())
@@ -128,8 +178,7 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
     received = exchange(outgoing, send_specs, recv_specs, any_mod.groups.ep_group, device)
     del outgoing
     arriving: dict[int, dict[int, dict]] = {}
-    new_values = dict(values)
-    new_optim = dict(optim)
+    new_values, new_optim = dict(values), dict(optim)
     for specs, tensors in zip(recv_specs, received):
         for spec, t in zip(specs, tensors):
             _, layer, _, expert, *rest = spec.name.split(".")
@@ -143,10 +192,8 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
                 new_values[spec.name] = t.cpu().clone()
     for layer, mod in mods.items():
         if layer in moving:
-            mod.set_placement(placements[layer], plan.expert_ranks_of_layer(layer), arriving.get(layer, {}))
+            rehome_experts(mod, placements[layer], plan.expert_ranks_of_layer(layer), arriving.get(layer, {}))
     del received, arriving
-    model.moe_dist_info = dataclasses.replace(model.moe_dist_info,
-                                              placements={**model.moe_dist_info.placements, **placements})
     owned = {k for mod in mods.values() for k in mod.adapter_params()}
     gone = {k for k in params if k not in owned}  # adapters that left this rank
     new_values = {k: v for k, v in new_values.items() if k not in gone}
@@ -159,7 +206,7 @@ def move_experts(model: torch.nn.Module, plan: AdapterPlan, placements: dict[int
     return new_values, new_optim, report
 
 
-def _local_tensor(mod: ExpertParallelExperts, name: str, values: dict, optim: dict, params: dict, masks: dict
+def _local_tensor(mod: "ExpertParallelExperts", name: str, values: dict, optim: dict, params: dict, masks: dict
                   ) -> torch.Tensor:
     parts = name.split(".")
     if parts[4] == "base":
@@ -171,16 +218,3 @@ def _local_tensor(mod: ExpertParallelExperts, name: str, values: dict, optim: di
         key = name.rsplit("/", 1)[0]
         return optim[name] if name in optim else torch.zeros(params[key].shape, dtype=torch.float32)
     return values[name] if name in values else params[name].detach().float()
-
-
-def repartition(trainer, placements: dict[int, ExpertPlacement]) -> MoveReport:
-    """Collective: move `trainer`'s model and engine onto `placements` (same plan)."""
-    from moe_dist.train.restructure import rebuild_engine, teardown
-
-    t0 = time.perf_counter()
-    values, optim, optimizer_step, scheduler_state, counters = teardown(trainer)
-    values, optim, report = move_experts(trainer.model, trainer.plan, placements, values, optim, optimizer_step > 0)
-    rebuild_engine(trainer, values, optim, optimizer_step, scheduler_state, counters)
-    report.seconds = time.perf_counter() - t0
-    return report
-

@@ -1,0 +1,100 @@
+"""What a run is built from: the base model's directory, the data, the converted model.
+
+Every function is rank-aware only where it must be (the embedded default is built once per
+node; everything else is the same call on every rank).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moe_dist.adapters.lora import LoRAConfig
+from moe_dist.config import RunConfig
+from moe_dist.data.dataset import RowEncoder, encode_dataset, load_rows
+from moe_dist.models.arch import is_moe
+from moe_dist.models.convert import convert_dense_model
+from moe_dist.models.loading import load_model, resolve_checkpoint
+from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.plan import AdapterPlan
+from moe_dist.routing import RoutingStats, collect_routing_stats, experts_modules
+
+EMBEDDED_TASK = "embedded:arithmetic"
+
+
+def resolve_model_path(cfg: RunConfig) -> Path:
+    """The checkpoint directory; the embedded default is built once (local rank 0) and cached."""
+    from moe_dist.models.embedded import DEFAULT_PRETRAIN_STEPS, EMBEDDED_NAME, ensure_embedded_model
+
+    if cfg.model != EMBEDDED_NAME:
+        return resolve_checkpoint(cfg.model)
+    steps = DEFAULT_PRETRAIN_STEPS if cfg.embedded_pretrain_steps < 0 else cfg.embedded_pretrain_steps
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        ensure_embedded_model(cfg.cache_dir, cfg.seed, steps)
+    if dist.is_initialized():
+        dist.barrier()
+    return ensure_embedded_model(cfg.cache_dir, cfg.seed, steps)
+
+
+def resolve_data_source(source: str, model_dir: Path, cfg: RunConfig, role: str) -> str:
+    if source != EMBEDDED_TASK:
+        return source
+    from moe_dist.models.embedded import embedded_task_files
+
+    return str(embedded_task_files(model_dir)[role])
+
+
+def load_eval_set(cfg: RunConfig, tokenizer, model_dir: Path, log=print) -> tuple[list, list] | None:
+    """(prompt token ids, reference answers) of the held-out split, or None without one."""
+    d = cfg.data
+    if not d.eval:
+        return None
+    encoder = RowEncoder(tokenizer, d.prompt_column, d.response_column, d.messages_column)
+    rows = load_rows(resolve_data_source(d.eval, model_dir, cfg, "test"), d.eval_split, d.subset)
+    if cfg.eval.samples:
+        rows = rows.select(range(min(cfg.eval.samples, len(rows))))
+    evals, report = encode_dataset(rows, encoder, d.seq_len, d.eval, for_generation=True)
+    log(report.line())
+    return evals["prompt_ids"], evals["reference"]
+
+
+def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int, device: torch.device,
+                bf16: bool, placements: dict[int, ExpertPlacement] | None = None) -> torch.nn.Module:
+    """The converted model: frozen base (bf16 on GPU, fp32 on CPU) + fp32 adapters from `plan`,
+    its expert kernel chosen from `moe.kernel`."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    lora = LoRAConfig(alpha=cfg.lora.alpha, rslora=cfg.lora.rslora, seed=cfg.seed)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not is_moe(AutoConfig.from_pretrained(model_dir)):  # a dense model: LoRA-MoE only, plain data parallel
+        if ep_size != 1:
+            raise ValueError(f"{model_dir} is a dense model: expert parallelism needs ep_size=1, got {ep_size}")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        model = convert_dense_model(model, plan, lora, device)
+    else:
+        model = load_model(str(model_dir), plan, ep_size=ep_size, placements=placements, dtype=dtype, device=device,
+                           lora=lora)
+    for experts in experts_modules(model).values():
+        experts.set_kernel(cfg.moe.kernel)
+    model.config.use_cache = False
+    return model
+
+
+def profile_routing(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int, device: torch.device,
+                    bf16: bool, batches, micro_batches: int) -> RoutingStats:
+    """Collective: routing counts of `micro_batches` training micro-batches per rank through a
+    model built on `plan` (train mode, no gradients: nothing is trained). The data position
+    goes back to the start, so training sees those batches as if never drawn."""
+    model = build_model(cfg, model_dir, plan, ep_size, device, bf16)
+    model.train()
+    with torch.no_grad():
+        for _ in range(micro_batches):
+            batch = {k: v.to(device) for k, v in batches.next_batch().items()}
+            model(**batch, use_cache=False)
+    stats = collect_routing_stats(model)
+    del model
+    batches.load_state_dict({"epoch": 0, "rows_consumed": 0})
+    return stats
