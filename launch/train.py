@@ -71,7 +71,30 @@ def parse(argv: list[str] | None) -> RunConfig:
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.recipe, overrides)
     cfg.validate(world_size_from_env(), peek_num_experts(cfg))
+    from moe_dist.models import embedded
+    from moe_dist.train.setup import missing_tokenizer
+
+    if cfg.model != embedded.EMBEDDED_NAME and Path(cfg.model).is_dir():
+        problem = missing_tokenizer(Path(cfg.model))
+        if problem:
+            raise ConfigError(problem)
     return cfg
+
+
+def heartbeat_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / ".heartbeat"
+
+
+def failure_context(cfg: RunConfig, exc: BaseException) -> str:
+    """After a collective timed out: which ranks stopped responding (fenced on this host)."""
+    from moe_dist.parallel.liveness import describe_unresponsive
+
+    text = f"{type(exc).__name__}: {exc}".lower()
+    timed_out = any(k in text for k in ("timed out", "timeout", "deadline"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not timed_out or world == 1:
+        return ""
+    return "; " + describe_unresponsive(heartbeat_dir(cfg), world, stale_after=5 * cfg.faults.heartbeat_s)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -79,12 +102,18 @@ def run(cfg: RunConfig) -> dict:
     import torch
     from deepspeed.accelerator import get_accelerator
 
+    from moe_dist.parallel.liveness import Heartbeat, bound_collective_waits
+    from moe_dist.train.stop import StopRequests
     from moe_dist.train.trainer import Trainer
 
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False,
                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    bound_collective_waits(cfg.dist_timeout_s)  # the expert groups too, created later
+    rank = torch.distributed.get_rank()
+    Heartbeat(heartbeat_dir(cfg), rank, cfg.faults.heartbeat_s)
+    stop = StopRequests(rank, cfg.faults.preempt_grace_s).install()
     device = torch.device(accel.device_name(), accel.current_device()) if on_gpu else torch.device("cpu")
     if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks on one box share its cores; torch's default (all cores per process)
@@ -92,7 +121,7 @@ def run(cfg: RunConfig) -> dict:
         local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, device, bf16=on_gpu and accel.is_bf16_supported())
+    trainer = Trainer(cfg, device, bf16=on_gpu and accel.is_bf16_supported(), stop=stop)
     trainer.setup()
     summary = trainer.run()
     trainer.ds.engine.destroy()
@@ -113,14 +142,29 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = parse(argv)
     except (ConfigError, UnsupportedModelError) as exc:
         sys.exit(f"config error: {exc}")
+    from moe_dist.data.dataset import DataError
+    from moe_dist.train.checkpoint import ResumeError
+    from moe_dist.train.guard import DivergenceError
+    from moe_dist.train.stop import Preempted
+
+    rank = os.environ.get("RANK", "?")
     try:
         return run(cfg)
+    except Preempted as exc:
+        _end(f"[rank {rank}] preempted: {exc.message}\n", exc.code)
+    except (ConfigError, DataError, ResumeError, DivergenceError) as exc:  # known causes: the line says it all
+        _end(f"[rank {rank}] FAILED: {type(exc).__name__}: {exc}\n", 1)
     except BaseException as exc:  # noqa: BLE001 - report, then end this rank without waiting on peers
-        rank = os.environ.get("RANK", "?")
-        sys.stderr.write(f"[rank {rank}] FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(1)
+        _end(f"[rank {rank}] FAILED: {type(exc).__name__}: {exc}{failure_context(cfg, exc)}\n"
+             f"{traceback.format_exc()}", 1)
+
+
+def _end(text: str, code: int) -> None:
+    """Report and end this rank now (no waiting on peers in atexit handlers)."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

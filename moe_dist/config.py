@@ -7,6 +7,8 @@ and are raised before any process group is created.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +164,23 @@ class MoESection:
 
 
 @dataclass
+class FaultsSection:
+    """What a run does when something goes wrong (README "Faults")."""
+
+    # consecutive steps with a non-finite loss or gradient (each skipped) before the run stops (0: never)
+    max_nonfinite_steps: int = 3
+    stall_steps: int = 20  # warn when the loss is flat and the gradient norm 0 this many steps in a row (0: off)
+    # SIGTERM/SIGINT: finish the step and write a checkpoint within this, else exit without one
+    # (DeepSpeed's launcher escalates to SIGKILL 30 s after its SIGTERM)
+    preempt_grace_s: float = 25.0
+    heartbeat_s: float = 2.0  # each rank's liveness file is touched this often (names a stopped rank)
+
+    def validate(self, path: str) -> None:
+        non_negative(self, path, "max_nonfinite_steps", "stall_steps")
+        positive(self, path, "preempt_grace_s", "heartbeat_s")
+
+
+@dataclass
 class CoreConfig:
     """The sections every run has; each method's own section is added from moe_dist.methods
     (RunConfig below), so a new method is one file there."""
@@ -183,6 +202,7 @@ class CoreConfig:
     repartition: RepartitionSection = field(default_factory=RepartitionSection)
     export: ExportSection = field(default_factory=ExportSection)
     moe: MoESection = field(default_factory=MoESection)
+    faults: FaultsSection = field(default_factory=FaultsSection)
 
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
         """Impossible combinations, named by key, before any process-group work: the run's
@@ -195,12 +215,14 @@ class CoreConfig:
         if num_experts is not None and num_experts % ep:
             raise ConfigError(f"ep_size ({ep}) must divide the model's expert count ({num_experts})")
         method = method_class(self.method)
-        for name in ("lora", "data", "train", "eval", "checkpoint", "repartition", "moe"):
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        for name in ("lora", "data", "train", "eval", "checkpoint", "repartition", "moe", "faults"):
             getattr(self, name).validate(name)
         self.export.validate("export", method.exports_as_lora)
         method.validate(self, num_experts)
-        if not Path(self.ds_config).is_file():
-            raise ConfigError(f"ds_config: no such file {self.ds_config!r}")
+        check_ds_config(self.ds_config)
+        check_writable(self.output_dir)
 
 
 RunConfig = dataclasses.make_dataclass(
@@ -209,6 +231,27 @@ RunConfig = dataclasses.make_dataclass(
 RunConfig.__module__ = __name__
 RunConfig.__doc__ = """A run: CoreConfig's sections plus one per method (hellora, hellori, epng, dmep, ...)."""
 METHODS = tuple(_METHODS)
+
+
+def check_ds_config(path: str) -> None:
+    """Exists and is JSON (found before any model is built, not by DeepSpeed after)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"ds_config: no such file {path!r}")
+    try:
+        json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"ds_config {path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+
+
+def check_writable(output_dir: str) -> None:
+    """The directory exists and is writable, or can be created: checked without creating it."""
+    existing = Path(output_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {output_dir!r} is not writable: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {output_dir!r} is not writable: no write permission on {existing}")
 
 
 def _coerce(value: Any, typ: type, key: str) -> Any:
@@ -258,7 +301,16 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
 def load_config(recipe: str | None, overrides: list[str]) -> RunConfig:
     cfg = RunConfig()
     if recipe:
-        data = yaml.safe_load(Path(recipe).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(recipe).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"recipe {recipe}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            if context is not None and getattr(exc, "context", None):
+                where += f" ({exc.context} at line {context.line + 1} column {context.column + 1})"
+            raise ConfigError(f"recipe {recipe}: YAML error{where}: {getattr(exc, 'problem', None) or exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{recipe}: a recipe must be a mapping")
         _apply(cfg, data)

@@ -117,6 +117,26 @@ def test_prune_and_grow_conserves_budget_and_picks_by_importance():
     assert max(capped.expert_ranks.values()) == 12
 
 
+def test_an_update_schedule_the_budget_cannot_carry_is_capped_not_fatal():
+    """tiny_epng with epng.warmup_steps=2 epng.interval=2 train.steps=60 used to crash at its
+    ~5th update ("no expert can take 128 more rank under max_rank 32"): the survivors' room
+    under max_rank runs out. The policy now prunes only what fits, says so, keeps the budget."""
+    from moe_dist.methods.epng import plan_update
+
+    layers, g = [0, 1, 2, 3], torch.Generator().manual_seed(1)
+    plan = AdapterPlan.uniform(layers, 16, 8)
+    budget, notes = sum(plan.expert_ranks.values()), []
+    for _ in range(29):  # updates at steps 2, 4, ..., 58
+        imp = torch.rand(len(layers), 16, generator=g, dtype=torch.float64)
+        plan, note = plan_update(imp, layers, plan, 0.25, 0.25, 4, 32)
+        assert sum(plan.expert_ranks.values()) == budget and max(plan.expert_ranks.values()) <= 32
+        notes.append(note)
+    assert any("capped" in n and "epng.max_rank 32" in n for n in notes)
+    full = AdapterPlan.uniform([0], 4, 32)  # every expert at max_rank: nothing can move
+    same, note = plan_update(torch.rand(1, 4, generator=g, dtype=torch.float64), [0], full, 0.25, 0.25, 4, 32)
+    assert same == full and "pruned 0 of the 1 wanted" in note
+
+
 def test_growth_keeps_output_and_adds_orthogonal_directions():
     from reference import set_b_values
 

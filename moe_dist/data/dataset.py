@@ -9,6 +9,7 @@ with the tokenizer's chat template. Bad rows are counted by reason and dropped, 
 from __future__ import annotations
 
 import collections
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +39,44 @@ class DataReport:
         return f"data {self.source}: {self.rows} rows, {self.kept} kept; dropped: {drops}"
 
 
-def load_rows(source: str, split: str, subset: str = "") -> datasets.Dataset:
+MAX_LISTED = 10  # malformed lines named by number in the log line
+
+
+def _load_jsonl(path: Path, log) -> datasets.Dataset:
+    """JSON lines read one by one: a malformed line is a bad row (counted, its line number
+    logged), not a reason to reject the file."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad.append(number)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad.append(number)
+    if bad:
+        listed = ", ".join(map(str, bad[:MAX_LISTED])) + (", ..." if len(bad) > MAX_LISTED else "")
+        log(f"data {path}: {len(bad)} malformed JSON lines (lines {listed}) skipped")
+    if not rows:
+        raise DataError(f"data file {path}: no valid JSON rows ({len(bad)} malformed lines)")
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # every key of any row, first-seen order
+    return datasets.Dataset.from_dict({k: [row.get(k) for row in rows] for k in columns})
+
+
+def load_rows(source: str, split: str, subset: str = "", log=print) -> datasets.Dataset:
     """One split of a hub dataset, a local file, or a local directory of data files."""
     path = Path(source)
     try:
-        if path.is_file():
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"data file {source} is empty")
+        if path.is_file() and path.suffix == ".jsonl":
+            ds = _load_jsonl(path, log)
+        elif path.is_file():
             builder = FILE_BUILDERS.get(path.suffix)
             if builder is None:
                 raise DataError(f"{source}: unknown data file type {path.suffix!r}; use one of {sorted(FILE_BUILDERS)}")

@@ -54,17 +54,31 @@ def expert_rank(plan: AdapterPlan, layer: int, expert: int) -> int:
     return ranks.pop() if ranks else 0
 
 
-def prune_and_grow(importance_LE: torch.Tensor, layers: list[int], plan: AdapterPlan, prune_ratio: float,
-                   grow_ratio: float, rank_unit: int, max_rank: int) -> AdapterPlan:
-    """The next plan. Pure: same inputs, same plan, on every rank."""
+def plan_update(importance_LE: torch.Tensor, layers: list[int], plan: AdapterPlan, prune_ratio: float,
+                grow_ratio: float, rank_unit: int, max_rank: int) -> tuple[AdapterPlan, str]:
+    """(the next plan, a note when the policy had to cap the update). Pure: same inputs, same
+    plan, on every rank.
+
+    The survivors can hold only so much more rank under `max_rank`: when the freed rank of
+    `prune_ratio` of the experts would not fit, fewer (the least important) are pruned, so a
+    schedule with many updates converges instead of failing mid-run."""
     adapted = sorted({(l, e) for (l, e, _) in plan.expert_ranks})
     row = {layer: i for i, layer in enumerate(layers)}
     imp = {(l, e): float(importance_LE[row[l], e]) for l, e in adapted}
     ranks = {(l, e): expert_rank(plan, l, e) for l, e in adapted}
-    n_prune = math.floor(prune_ratio * len(adapted))
+    wanted = n_prune = math.floor(prune_ratio * len(adapted))
     if n_prune == 0 or n_prune >= len(adapted):
-        return plan
+        return plan, ""
     by_importance = sorted(adapted, key=lambda k: (imp[k], k))
+    room = lambda n: sum((max_rank - ranks[k]) // rank_unit for k in by_importance[n:])  # noqa: E731
+    while n_prune and sum(ranks[k] for k in by_importance[:n_prune]) // rank_unit > room(n_prune):
+        n_prune -= 1
+    note = ""
+    if n_prune < wanted:
+        note = (f"capped: pruned {n_prune} of the {wanted} wanted (epng.prune_ratio {prune_ratio}), the survivors "
+                f"cannot hold more rank under epng.max_rank {max_rank}")
+        if n_prune == 0:
+            return plan, note
     pruned, survivors = by_importance[:n_prune], by_importance[n_prune:][::-1]  # survivors: most important first
     freed = sum(ranks[k] for k in pruned)
     if freed % rank_unit:
@@ -79,14 +93,17 @@ def prune_and_grow(importance_LE: torch.Tensor, layers: list[int], plan: Adapter
                 new_ranks[k] += rank_unit
                 units -= 1
                 placed = True
-        if not placed:  # every grower at max_rank: widen to the next survivors
-            rest = [k for k in survivors if k not in growers]
-            if not rest:
-                raise ValueError(f"epng: no expert can take {units * rank_unit} more rank under max_rank {max_rank}")
-            growers = growers + rest[:1]
+        if not placed:  # every grower at max_rank: widen to the next survivors (room() says one has space)
+            growers = growers + [k for k in survivors if k not in growers][:1]
     projections = sorted({p for (_, _, p) in plan.expert_ranks})
     expert_ranks = {(l, e, p): r for (l, e), r in new_ranks.items() for p in projections}
-    return AdapterPlan(expert_ranks=expert_ranks, attention_ranks=dict(plan.attention_ranks), lori=plan.lori)
+    return AdapterPlan(expert_ranks=expert_ranks, attention_ranks=dict(plan.attention_ranks), lori=plan.lori), note
+
+
+def prune_and_grow(importance_LE: torch.Tensor, layers: list[int], plan: AdapterPlan, prune_ratio: float,
+                   grow_ratio: float, rank_unit: int, max_rank: int) -> AdapterPlan:
+    """The next plan (plan_update without its note)."""
+    return plan_update(importance_LE, layers, plan, prune_ratio, grow_ratio, rank_unit, max_rank)[0]
 
 
 @register
@@ -122,15 +139,16 @@ class EPnG(Method):
         e = self.cfg.epng
         window, self.window = self.window, None
         self.importance_LE = decayed_importance(self.importance_LE, window, e.decay)
-        new = prune_and_grow(self.importance_LE, window.layers, plan, e.prune_ratio, e.grow_ratio, e.rank_unit,
-                             e.max_rank)
+        new, note = plan_update(self.importance_LE, window.layers, plan, e.prune_ratio, e.grow_ratio, e.rank_unit,
+                                e.max_rank)
         if new == plan:
-            return Change(plan=new)
+            return Change(plan=new, summary=f"epng step {step}: {note}" if note else "")
         pruned = sorted({(l, x) for (l, x, _) in plan.expert_ranks} - {(l, x) for (l, x, _) in new.expert_ranks})
         grown = sorted({(l, x) for (l, x, p), r in new.expert_ranks.items() if r > plan.rank(l, x, p)})
         return Change(plan=new, routing=window,
                       summary=f"epng step {step}: pruned {len(pruned)} expert adapters {pruned}, grew {grown}; "
-                              f"rank budget {sum(plan.expert_ranks.values())} -> {sum(new.expert_ranks.values())}")
+                              f"rank budget {sum(plan.expert_ranks.values())} -> {sum(new.expert_ranks.values())}"
+                              + (f"; {note}" if note else ""))
 
     def state_dict(self) -> dict:
         w = self.window

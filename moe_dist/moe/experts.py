@@ -17,7 +17,6 @@ import itertools
 from typing import Callable, Mapping
 
 import torch
-from deepspeed.moe.layer import MoE
 from torch import nn
 
 from moe_dist.adapters.expert_bank import ExpertLoRABank
@@ -26,18 +25,15 @@ from moe_dist.kernels.expert_loop import ExpertLoopLinear
 from moe_dist.kernels.grouped import add_lora_delta_, grouped_mm
 from moe_dist.moe.activation import gated_act
 from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher
-from moe_dist.parallel.groups import ExpertGroups, mark_expert_param
+from moe_dist.parallel.groups import DeepSpeedExpertLayer, ExpertGroups, mark_expert_param, zero_anchor
 from moe_dist.parallel.placement import ExpertPlacement, slot_order
 from moe_dist.plan import EXPERT_PROJECTIONS, expert_proj_layout
 
 
-class ExpertParallelExperts(MoE):
+class ExpertParallelExperts(DeepSpeedExpertLayer):
     """Holds the base weights of this rank's experts and their adapters; dispatches tokens.
-
-    Subclasses deepspeed.moe.layer.MoE only so the DeepSpeed engine detects a MoE model and
-    reduces expert gradients over the expert-data-parallel group (detection is an isinstance
-    check); none of MoE's own machinery is used.
-    """
+    (DeepSpeedExpertLayer: the one seam the engine needs to reduce expert gradients over the
+    expert-data-parallel group.)"""
 
     def __init__(
         self,
@@ -66,11 +62,7 @@ class ExpertParallelExperts(MoE):
             raise ValueError(f"layer {layer}: placement covers {placement.num_experts} experts, layer has {num_experts}")
         if placement.ep_size != groups.ep_size:
             raise ValueError(f"layer {layer}: placement is for ep_size {placement.ep_size}, groups for {groups.ep_size}")
-        # Attributes DeepSpeed's engine reads from MoE layers.
-        self.num_experts = num_experts
-        self.ep_size = groups.ep_size
-        self.expert_group_name = groups.name
-        self.enable_expert_tensor_parallelism = False
+        self._register_with_deepspeed(num_experts, groups)
         self.layer = layer
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.act_fn = act_fn
@@ -110,12 +102,7 @@ class ExpertParallelExperts(MoE):
         self.adapters = ExpertLoRABank(self.layer, self.local_experts, ranks, layouts, self.lora, self.lori,
                                        device=device)
         self.adapters.to(self.adapter_dtype)
-        # ZeRO needs >= 1 trainable expert parameter on every rank; a rank whose experts carry
-        # no adapter gets a one-element anchor that takes part in forward with weight 0.
-        self.anchor = None
-        if not self.adapters.trainable:
-            self.anchor = nn.Parameter(torch.zeros(1, device=device, dtype=self.adapter_dtype))
-            mark_expert_param(self.anchor, self.ep_size)
+        self.anchor = zero_anchor(self.adapters.trainable, self.ep_size, device, self.adapter_dtype)
         for p in self.adapters.parameters():
             mark_expert_param(p, self.ep_size)
         self._loop_layouts: dict = {}  # projections -> the bank's loop_layout (compute_loop)
@@ -144,9 +131,6 @@ class ExpertParallelExperts(MoE):
         if self.ep_size == 1:
             return LocalDispatcher(self.local_experts, self.num_experts, device=device)
         return AllToAllDispatcher(self.experts_by_rank, self.groups.ep_rank, self.groups.ep_group, device)
-
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Called by the DeepSpeed engine; our groups already exist (created in conversion)."""
 
     def _apply(self, fn, recurse=True):  # keep dispatcher index tensors on the module's device
         out = super()._apply(fn, recurse)

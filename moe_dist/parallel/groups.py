@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from torch import nn
 
 
 def group_name(ep_size: int) -> str:
@@ -76,3 +78,32 @@ def writes_canonical_copy(p: torch.nn.Parameter) -> bool:
 
         return groups._get_expert_data_parallel_rank(p.group_name) == 0
     return dist.get_rank() == 0
+
+
+class DeepSpeedExpertLayer(MoE):
+    """What DeepSpeed's engine needs of an expert layer, and nothing more.
+
+    The engine finds MoE layers by `isinstance(module, deepspeed.moe.layer.MoE)` and then reads
+    a few attributes (expert count, EP size, group name) to reduce expert gradients over the
+    expert-data-parallel group; none of MoE's own machinery (its gate, its experts, its
+    all-to-all) is used. Subclasses call `nn.Module.__init__` and `_register_with_deepspeed`.
+    """
+
+    def _register_with_deepspeed(self, num_experts: int, groups: "ExpertGroups") -> None:
+        self.num_experts = num_experts
+        self.ep_size = groups.ep_size
+        self.expert_group_name = groups.name
+        self.enable_expert_tensor_parallelism = False
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the engine; our groups already exist (created in conversion)."""
+
+
+def zero_anchor(has_trainable: bool, ep_size: int, device, dtype: torch.dtype) -> nn.Parameter | None:
+    """ZeRO needs >= 1 trainable expert parameter on every rank: a rank whose experts carry no
+    adapter gets a one-element anchor (it takes part in forward with weight 0)."""
+    if has_trainable:
+        return None
+    anchor = nn.Parameter(torch.zeros(1, device=device, dtype=dtype))
+    mark_expert_param(anchor, ep_size)
+    return anchor

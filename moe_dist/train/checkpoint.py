@@ -26,6 +26,7 @@ output_dir on a shared filesystem.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -70,17 +71,60 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """`""` -> None; `auto` -> newest complete checkpoint (or None: a fresh start); else a path."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (a file and its reason), or None. Reads every JSON
+    file and every safetensors header (a cut file fails its header's size check), no tensor."""
+    for name in (STATE_FILE, "plan.json"):
+        try:
+            json.loads((path / name).read_text())
+        except (OSError, ValueError) as exc:
+            return f"{name}: {type(exc).__name__}: {exc}"
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                sf.keys()
+        except Exception as exc:  # SafetensorError (truncated, corrupt header), OSError
+            return f"{f.name}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def resolve_resume(resume: str, output_dir: str | Path, log=print) -> Path | None:
+    """`""` -> None; `auto` -> the newest complete checkpoint that loads, skipping (and naming)
+    any newer one that does not (or None: a fresh start); else that path, which must load."""
     if not resume:
         return None
     if resume == "auto":
-        found = complete_checkpoints(checkpoint_root(output_dir))
-        return found[-1][1] if found else None
+        for _, path in reversed(complete_checkpoints(checkpoint_root(output_dir))):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            log(f"checkpoint.resume=auto: skipping {path}: {problem}")
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ResumeError(f"checkpoint.resume: {resume!r} is not a complete checkpoint (no {STATE_FILE})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ResumeError(f"checkpoint.resume: {path}: {problem}")
     return path
+
+
+def _finite_loss(path: Path) -> bool:
+    try:
+        loss = json.loads((path / STATE_FILE).read_text()).get("loss")
+    except (OSError, ValueError):
+        return False
+    return loss is not None and math.isfinite(loss)
+
+
+def rotate(root: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints, and always the newest one whose loss was
+    finite (a diverged stretch never rotates away the last good state)."""
+    found = complete_checkpoints(root)
+    good = next((path for _, path in reversed(found) if _finite_loss(path)), None)
+    for _, stale in found[:-keep]:
+        if stale != good:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -162,8 +206,7 @@ def save_checkpoint(output_dir: str | Path, step: int, engine: EngineSnapshot, w
         else:
             os.rename(tmp, final)
         _fsync_dir(root)
-        for _, stale in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
+        rotate(root, keep)
     _barrier()
     return final
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.config import RunConfig
-from moe_dist.data.dataset import RowEncoder, encode_dataset, load_rows
+from moe_dist.data.dataset import DataError, RowEncoder, encode_dataset, load_rows
 from moe_dist.models.arch import is_moe
 from moe_dist.models.convert import convert_dense_model
 from moe_dist.models.loading import load_model, resolve_checkpoint
@@ -39,6 +39,28 @@ def resolve_model_path(cfg: RunConfig) -> Path:
     return ensure_embedded_model(cfg.cache_dir, cfg.seed, steps)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tiktoken.model")
+SAMPLE = "What is 12 plus 30? The answer is 42."
+
+
+def check_tokenizer(tokenizer, model_dir: Path) -> None:
+    """A directory without tokenizer files makes transformers fall back to a tokenizer that
+    encodes every row to nothing (the run then trains on nothing and exits 0): refuse it."""
+    ids = tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        present = [f for f in TOKENIZER_FILES if (Path(model_dir) / f).is_file()] or ["none"]
+        raise DataError(f"model {model_dir}: its tokenizer encodes a sample sentence to {len(ids)} tokens "
+                        f"(tokenizer files present: {', '.join(present)}); copy the base model's tokenizer files in")
+
+
+def missing_tokenizer(model_dir: Path) -> str | None:
+    """Before any work: a local model directory with no tokenizer file at all."""
+    if not (Path(model_dir) / "config.json").is_file() or any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return (f"model {model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); transformers would fall "
+            "back to a tokenizer that encodes every row to nothing. Copy the base model's tokenizer files in")
+
+
 def resolve_data_source(source: str, model_dir: Path, cfg: RunConfig, role: str) -> str:
     if source != EMBEDDED_TASK:
         return source
@@ -53,7 +75,7 @@ def load_eval_set(cfg: RunConfig, tokenizer, model_dir: Path, log=print) -> tupl
     if not d.eval:
         return None
     encoder = RowEncoder(tokenizer, d.prompt_column, d.response_column, d.messages_column)
-    rows = load_rows(resolve_data_source(d.eval, model_dir, cfg, "test"), d.eval_split, d.subset)
+    rows = load_rows(resolve_data_source(d.eval, model_dir, cfg, "test"), d.eval_split, d.subset, log)
     if cfg.eval.samples:
         rows = rows.select(range(min(cfg.eval.samples, len(rows))))
     evals, report = encode_dataset(rows, encoder, d.seq_len, d.eval, for_generation=True)

@@ -35,6 +35,7 @@ from moe_dist.parallel.move import MoveReport, move_experts, rehome_experts
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import experts_modules
 from moe_dist.train import zero_state
+from moe_dist.train.resume import scale_schedule
 from moe_dist.train.zero_state import EngineSnapshot
 
 BuildEngine = Callable[[nn.Module], tuple]  # model -> (engine, lr scheduler)
@@ -130,11 +131,11 @@ def _restart_lori(model: nn.Module, snap: EngineSnapshot, sparsity: float) -> tu
 
 
 def _scale_expert_lr(snap: EngineSnapshot, expert_groups: list[bool], factor: float) -> EngineSnapshot:
-    """The schedule's base LRs of the expert (MoE) param groups x factor: the schedule's
-    position is kept, so the new peak applies from the current step on."""
-    sched = dict(snap.scheduler, base_lrs=[lr * factor if moe else lr
-                                           for lr, moe in zip(snap.scheduler["base_lrs"], expert_groups)])
-    return dataclasses.replace(snap, scheduler=sched)
+    """The expert (MoE) param groups' LR x factor, the schedule's position kept. The step right
+    after the change still runs at the old LR (as LoRI stage 2 has since it landed; the per-step
+    losses of bench/loss_trace.py pin it), the factor shows from the next one on."""
+    factors = [factor if moe else 1.0 for moe in expert_groups]
+    return dataclasses.replace(snap, scheduler=scale_schedule(snap.scheduler, factors, from_this_step=False))
 
 
 def change_structure(model: nn.Module, current: Engine, change: Change, build: BuildEngine

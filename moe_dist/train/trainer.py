@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_dist.config import RunConfig
+from moe_dist.config import RunConfig, config_from_dict
 from moe_dist.data.dataset import RowEncoder, encode_dataset, load_rows
 from moe_dist.data.packing import ShardedBatches
 from moe_dist.methods import Change, RunInfo, method_class
@@ -37,21 +38,31 @@ from moe_dist.train import checkpoint as ckpt
 from moe_dist.train import zero_state
 from moe_dist.train.engine import build_engine
 from moe_dist.train.evaluate import exact_match
+from moe_dist.train.guard import DivergenceError, Guard, arm_overflow_check
 from moe_dist.train.metrics import MetricsLogger
 from moe_dist.train.rebalance import Rebalancer, expert_imbalance
-from moe_dist.train.setup import build_model, load_eval_set, profile_routing, resolve_data_source, resolve_model_path
+from moe_dist.train.report import format_summary
+from moe_dist.train.resume import check_resume_config, scale_schedule
+from moe_dist.train.setup import (build_model, check_tokenizer, load_eval_set, profile_routing, resolve_data_source,
+                                  resolve_model_path)
+from moe_dist.train.stop import Preempted, StopRequests
 from moe_dist.train.structure import Engine, change_structure, start_engine
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, device: torch.device, bf16: bool):
+    def __init__(self, cfg: RunConfig, device: torch.device, bf16: bool, stop: StopRequests | None = None):
         self.cfg, self.device, self.bf16 = cfg, device, bf16
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.ep_size = cfg.ep_size or self.world
         self.is_main = self.rank == 0
-        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir)
+        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir, log=self.log)
         self.saved = ckpt.read_trainer_state(self.resume_from) if self.resume_from is not None else None
+        self.lr_factor = check_resume_config(self.saved["config"], cfg, self.resume_from) if self.saved else 1.0
         self.step = self.saved["step"] if self.saved else 0
+        self.stop = stop or StopRequests(self.rank, cfg.faults.preempt_grace_s)  # (installed by launch/train.py)
+        self.guard = Guard(cfg.faults.max_nonfinite_steps, cfg.faults.stall_steps, device)
+        self.last_loss = float("nan")  # the job's mean loss of the last logged step (recorded with checkpoints)
+        self.stop_now = False  # a stop request reached every rank with this step's flags
         self.method = method_class(cfg.method)(cfg)
         self.rebalancer = Rebalancer(cfg, self.ep_size)
         self.routing_total: RoutingStats | None = None  # summed over the run (every log step)
@@ -73,6 +84,7 @@ class Trainer:
         self.model_dir = resolve_model_path(cfg)
         self.hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        check_tokenizer(self.tokenizer, self.model_dir)
         self._setup_data()
         placements = None
         if self.saved is not None:
@@ -85,6 +97,10 @@ class Trainer:
         snap = None
         if self.saved is not None:
             snap = ckpt.load_engine_snapshot(self.resume_from, adapter_params(self.model))
+            if self.lr_factor != 1.0:  # train.lr given anew: the new peak, the schedule's position kept
+                snap = dataclasses.replace(snap, scheduler=scale_schedule(
+                    snap.scheduler, [self.lr_factor] * len(snap.scheduler["base_lrs"])))
+                self.log(f"train.lr {self.cfg.train.lr:g}: resumed schedule scaled x{self.lr_factor:g}")
             ckpt.load_masks(self.resume_from, self.lori_masks())
             self.method.load_state_dict(self.saved.get("method_state") or {})
             self.log(f"resuming from {self.resume_from} (step {self.step}, saved by world {self.saved['world_size']} "
@@ -103,7 +119,9 @@ class Trainer:
         self.trainable_total = self.count_trainable()
 
     def build_engine(self, model: torch.nn.Module):
-        return build_engine(model, self.cfg, self.bf16)
+        engine, scheduler = build_engine(model, self.cfg, self.bf16)
+        arm_overflow_check(engine)  # a non-finite gradient skips the step on every rank, fp32 too
+        return engine, scheduler
 
     def _start_plan(self) -> dict[int, ExpertPlacement] | None:
         """The method's initial plan (agreed by every rank) and, when it was chosen from routing
@@ -126,7 +144,7 @@ class Trainer:
         cfg, d = self.cfg, self.cfg.data
         encoder = RowEncoder(self.tokenizer, d.prompt_column, d.response_column, d.messages_column)
         source = resolve_data_source(d.train, self.model_dir, cfg, "train")
-        train, report = encode_dataset(load_rows(source, d.train_split, d.subset), encoder, d.seq_len, d.train)
+        train, report = encode_dataset(load_rows(source, d.train_split, d.subset, self.log), encoder, d.seq_len, d.train)
         self.log(report.line())
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         examples = list(zip(train["input_ids"], train["labels"]))
@@ -155,7 +173,7 @@ class Trainer:
         engine, losses = self.ds.engine, []
         for _ in range(self.cfg.train.grad_accum):
             batch = {k: v.to(self.device) for k, v in self.batches.next_batch().items()}
-            loss = engine(**batch, use_cache=False).loss
+            loss = self._inject_nan(engine(**batch, use_cache=False).loss)
             extra = self.method.extra_loss(self.model)
             engine.backward(loss if extra is None else loss + extra)
             engine.step()
@@ -164,6 +182,41 @@ class Trainer:
         if fail_at and fail_at == f"{self.rank}:{self.step + 1}":
             raise RuntimeError(f"injected failure (MOE_DIST_FAIL_AT={fail_at})")
         return torch.stack(losses).mean().item()
+
+    def _inject_nan(self, loss: torch.Tensor) -> torch.Tensor:
+        """Test hook MOE_DIST_NAN_AT="rank:step[:count]": a NaN loss on that rank from that step
+        (for `count` steps, default all): what a diverging run looks like to the guard."""
+        spec = os.environ.get("MOE_DIST_NAN_AT")
+        if spec:
+            rank, start, *count = (int(x) for x in spec.split(":"))
+            if rank == self.rank and start <= self.step + 1 < start + (count[0] if count else 10**9):
+                return loss * float("nan")
+        return loss
+
+    def after_step(self, loss: float) -> None:
+        """Collective: the job's verdict on this step (one all-reduce): a non-finite step was
+        skipped by every rank, too many in a row stop the run; a stall is reported."""
+        health = self.guard.check(loss, self.ds.engine.was_step_applied(), self.stop.requested)
+        self.stop_now = health.stop
+        if health.nonfinite:
+            self.logger.record(self.step, "skipped_step", {"nonfinite_in_a_row": self.guard.nonfinite_run})
+            self.logger.print(f"step {self.step}: non-finite loss or gradient on some rank; the update was skipped on "
+                              f"every rank ({self.guard.nonfinite_run} in a row)")
+            if self.guard.diverged():
+                good = ckpt.complete_checkpoints(ckpt.checkpoint_root(self.cfg.output_dir))
+                raise DivergenceError(
+                    f"training diverged: steps {self.step - self.guard.nonfinite_run + 1}..step {self.step} had a "
+                    f"non-finite loss or gradient ({self.guard.nonfinite_run} in a row, faults.max_nonfinite_steps="
+                    f"{self.cfg.faults.max_nonfinite_steps}); no checkpoint was written from that state. Resume from "
+                    + (f"{good[-1][1]} (checkpoint.resume=auto) with a lower train.lr (now {self.cfg.train.lr:g})"
+                       if good else "scratch with a lower train.lr (no checkpoint yet)"))
+        grad_norm = float(self.ds.engine.get_global_grad_norm() or 0.0)
+        if self.guard.stalled(loss, grad_norm):
+            text = (f"step {self.step}: the loss has not moved and the gradient norm was 0 for "
+                    f"{self.cfg.faults.stall_steps} steps: the run is not training (train.lr {self.cfg.train.lr:g} "
+                    "too high or too low?)")
+            self.logger.record(self.step, "stalled", {"steps": self.cfg.faults.stall_steps})
+            self.logger.print(f"WARNING {text}")
 
     def collect_routing(self) -> RoutingStats:
         """Collective: drain the model's counters into the run total, the method and the rebalancer."""
@@ -218,11 +271,19 @@ class Trainer:
             {"reason": why, "placements": {str(l): list(p.owner) for l, p in placements.items()}})
         self.logger.print(f"{why}: {report.line()}")
 
-    def save(self) -> Path:
-        """Collective. Each owner gives its own state: engine (snapshot), data, method, trainer."""
+    def save(self) -> Path | None:
+        """Collective. Each owner gives its own state: engine (snapshot), data, method, trainer.
+        Nothing is written from a non-finite state (a skipped step, a non-finite value)."""
         params = adapter_params(self.model)
         snap = zero_state.snapshot(self.ds.engine, self.ds.scheduler, params)
-        owners = {"data": self.batches.state_dict(), "method_state": self.method.state_dict(),
+        bad = torch.tensor([float(self.guard.nonfinite_run > 0 or not all(
+            torch.isfinite(v).all() for v in (*snap.values.values(), *snap.optim.values())))], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            self.logger.print(f"step {self.step}: not saving a checkpoint: the state is not finite")
+            return None
+        owners = {"data": self.batches.state_dict(), "method_state": self.method.state_dict(), "loss": self.last_loss,
                   "ep_size": self.ep_size, "method": self.cfg.method,
                   "placements": {str(l): list(p.owner) for l, p in current_placements(experts_modules(self.model)).items()},
                   "config": dataclasses.asdict(self.cfg),
@@ -268,10 +329,12 @@ class Trainer:
             losses.append(loss)
             steps_since_log += 1
             logger.advance()
+            self.after_step(loss)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 stats = self.collect_routing()
                 elapsed = time.perf_counter() - t_log
                 mean_loss = global_sum(sum(losses[-steps_since_log:]) / steps_since_log, self.device) / self.world
+                self.last_loss = mean_loss
                 logger.step(self.step, {"loss": mean_loss, "lr": self.ds.scheduler.get_last_lr()[0],
                                         "grad_norm": float(self.ds.engine.get_global_grad_norm() or 0.0),
                                         "tokens_per_sec": tokens_per_step * steps_since_log / elapsed,
@@ -282,8 +345,12 @@ class Trainer:
             self.decide()
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 logger.eval(self.step, self.evaluate())
+            saved = None
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
-                logger.print(f"checkpoint {self.save()}")
+                saved = self.save()
+                logger.print(f"checkpoint {saved}")
+            if self.stop_now and self.step < cfg.train.steps:
+                self.preempt(saved)
         after = self.evaluate()
         if after:
             logger.eval(self.step, after)
@@ -293,8 +360,17 @@ class Trainer:
         if self.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.print_summary(summary)
+            self.log(format_summary(summary))
         return summary
+
+    def preempt(self, saved: Path | None) -> None:
+        """Every rank got the stop with the same step's flags: checkpoint (if this step did not
+        already), then end the run non-zero."""
+        path = saved or self.save()
+        self.logger.close()
+        where = f"checkpoint {path} written" if path else "no checkpoint written (state not finite)"
+        raise Preempted(f"stopped by {self.stop.reason or 'a peer rank'} after step {self.step}: {where}; continue "
+                        "with checkpoint.resume=auto (the same command)")
 
     def summary(self, losses: list[float], times: list[float], tokens_per_step: int, before: dict | None,
                 after: dict | None, final: Path) -> dict:
@@ -302,7 +378,8 @@ class Trainer:
         cfg, r = self.cfg, self.routing_total
         flops = self.adapter_flops_per_token(r.load_share_LE(), r.layers) if r is not None else None
         last = times[-max(1, len(times) // 4):]
-        run_losses = global_sum(sum(losses[-5:]) / max(1, len(losses[-5:])), self.device) / self.world
+        finite = [x for x in losses if math.isfinite(x)]  # skipped steps are counted, not averaged
+        run_losses = global_sum(sum(finite[-5:]) / max(1, len(finite[-5:])), self.device) / self.world
         return {
             "method": cfg.method, "model": cfg.model, "world_size": self.world, "ep_size": self.ep_size,
             "trainable_params": self.trainable_total, "adapter_flops_per_token": flops,
@@ -310,25 +387,10 @@ class Trainer:
             "steps": self.step, "tokens_per_sec": tokens_per_step * len(times) / sum(times) if times else None,
             # after the structure changes have happened (prunes, growth): the last quarter
             "tokens_per_sec_final": tokens_per_step * len(last) / sum(last) if last else None,
-            "first_loss": losses[0] if losses else None, "final_loss": run_losses if losses else None,
+            "first_loss": finite[0] if finite else None, "final_loss": run_losses if finite else None,
+            "skipped_steps": self.guard.nonfinite_total,
             "accuracy_before": before["accuracy"] if before else None,
             "accuracy_after": after["accuracy"] if after else None,
             "eval_samples": after["samples"] if after else [],
             "checkpoint": str(final), "output_dir": cfg.output_dir,
         }
-
-    def print_summary(self, s: dict) -> None:
-        acc = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-        self.log("\n".join(line for line in [
-            "=" * 60,
-            f"moe_dist {s['method']} on {s['model']}: world {s['world_size']}, EP {s['ep_size']}, {s['steps']} steps",
-            f"  loss            {s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s["final_loss"] is not None else "",
-            f"  exact match     {acc(s['accuracy_before'])} before -> {acc(s['accuracy_after'])} after",
-            f"  trainable       {s['trainable_params']:,} params, "
-            f"{(s['adapter_flops_per_token'] or 0) / 1e6:.3f} MFLOP/token in adapters",
-            f"  throughput      {s['tokens_per_sec'] or 0:.0f} tokens/s",
-            f"  expert balance  max/mean per-rank cost {s['expert_imbalance']:.3f} over EP {s['ep_size']}"
-            if s.get("expert_imbalance") is not None else "",
-            f"  logs            {s['output_dir']} (summary.json, metrics.jsonl, tensorboard/)",
-            f"  checkpoint      {s['checkpoint']}",
-            "=" * 60] if line))

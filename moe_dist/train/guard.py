@@ -1,0 +1,72 @@
+"""Per-step health, decided by every rank at once: a non-finite step is skipped and counted,
+a run that keeps producing them stops, a run that stalls is reported, a stop request ends the
+run after this step.
+
+One all-reduce (MAX over the world) of a few flags per optimizer step carries this rank's
+view: a non-finite loss, a step DeepSpeed skipped (non-finite gradients anywhere: ZeRO's
+overflow check, all-reduced over the data-parallel world, which `arm_overflow_check` turns on
+for fp32 too), and a pending stop request. Every rank reads the same result, so every rank
+skips, stops or saves at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DivergenceError(RuntimeError):
+    pass
+
+
+def arm_overflow_check(engine) -> None:
+    """Make ZeRO skip the update of a step with a non-finite gradient in fp32 as it does in
+    bf16/fp16 (DeepSpeed checks only those by default): gradients zeroed, no optimizer or LR
+    step, `engine.skipped_steps` counted, the flag all-reduced so every rank skips."""
+    zero = getattr(engine, "optimizer", None)
+    if zero is not None and hasattr(zero, "check_grad_overflow"):
+        zero.check_grad_overflow = True
+
+
+@dataclass
+class StepHealth:
+    nonfinite: bool  # on some rank: a non-finite loss or a skipped (non-finite gradient) step
+    stop: bool  # some rank has a stop request
+
+
+class Guard:
+    def __init__(self, max_nonfinite_steps: int, stall_steps: int, device: torch.device):
+        self.max_nonfinite, self.stall_steps, self.device = max_nonfinite_steps, stall_steps, device
+        self.nonfinite_run = 0  # consecutive non-finite steps
+        self.nonfinite_total = 0
+        self.stalled_run = 0
+        self.last_loss: float | None = None
+
+    def check(self, loss: float, step_applied: bool, stop_requested: bool) -> StepHealth:
+        """Collective: this rank's view of the step in, the job's out."""
+        local = torch.tensor([float(not math.isfinite(loss) or not step_applied), float(stop_requested)],
+                             device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        health = StepHealth(nonfinite=bool(local[0].item()), stop=bool(local[1].item()))
+        if health.nonfinite:
+            self.nonfinite_run += 1
+            self.nonfinite_total += 1
+        else:
+            self.nonfinite_run = 0
+        return health
+
+    def diverged(self) -> bool:
+        return self.max_nonfinite > 0 and self.nonfinite_run >= self.max_nonfinite
+
+    def stalled(self, loss: float, grad_norm: float) -> bool:
+        """True once, when the loss has not moved and the gradient norm was zero for
+        `stall_steps` logged steps in a row (a collapsed run: it trains nothing)."""
+        flat = self.last_loss is not None and math.isfinite(loss) and abs(loss - self.last_loss) <= 1e-7 * max(
+            1.0, abs(loss))
+        self.last_loss = loss
+        self.stalled_run = self.stalled_run + 1 if (flat and grad_norm == 0.0) else 0
+        return self.stall_steps > 0 and self.stalled_run == self.stall_steps

@@ -1,0 +1,112 @@
+"""Preemption: a stop request ends the run at a step boundary with a checkpoint, in bounded time.
+
+A request comes from SIGTERM or SIGINT (how SLURM, Kubernetes and Ctrl-C stop a job) or from
+the launcher going away:
+- the per-node launcher (deepspeed.launcher.launch, torchrun) dying: PR_SET_PDEATHSIG makes
+  the kernel send this rank SIGTERM;
+- the `deepspeed` runner dying on a single node (it installs no handler and leaves its
+  launcher behind): a watcher thread sees the launcher re-parented and raises SIGTERM here.
+
+The first request only sets a flag. The trainer all-reduces it with the step's other flags
+(moe_dist/train/guard.py), so every rank stops after the same step, writes the checkpoint
+and exits non-zero (EXIT_CODE). If that takes longer than the grace period, or a second
+signal arrives, the process exits at once (the previous checkpoint is whole: saves are
+atomic).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect of a preempted job
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint of a requested stop is written."""
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_CODE)
+        self.message = message
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the runner watch and the launcher's own SIGTERM still apply
+        pass
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class StopRequests:
+    def __init__(self, rank: int, grace_s: float, log=print):
+        self.rank, self.grace_s, self.log = rank, grace_s, log
+        self.reason: str | None = None
+        self.since: float | None = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def install(self) -> "StopRequests":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        _die_with_parent()
+        launcher = os.getppid()
+        if "deepspeed.launcher.launch" in _cmdline(launcher):
+            threading.Thread(target=self._watch_runner, args=(launcher, _parent_of(launcher)),
+                             name="moe_dist-runner-watch", daemon=True).start()
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:  # a second signal: no more waiting
+            print(f"[rank {self.rank}] {name} again during the stop ({self.reason}): exiting now", file=sys.stderr,
+                  flush=True)
+            os._exit(EXIT_CODE)
+        self.reason, self.since = name, time.monotonic()
+        print(f"[rank {self.rank}] {name}: stopping after this step with a checkpoint "
+              f"(within {self.grace_s:.0f} s; a second signal exits at once)", file=sys.stderr, flush=True)
+        threading.Thread(target=self._grace_timer, name="moe_dist-grace", daemon=True).start()
+
+    def _grace_timer(self) -> None:
+        time.sleep(self.grace_s)
+        print(f"[rank {self.rank}] the stop ({self.reason}) did not finish within {self.grace_s:.0f} s: exiting without "
+              "a new checkpoint (the previous one is whole)", file=sys.stderr, flush=True)
+        os._exit(EXIT_CODE)
+
+    def _watch_runner(self, launcher: int, runner: int | None) -> None:
+        while True:
+            time.sleep(1.0)
+            parent = _parent_of(launcher)
+            if parent is None:  # the launcher itself is gone: PDEATHSIG has fired or will
+                return
+            if parent != runner:
+                print(f"[rank {self.rank}] the deepspeed runner (pid {runner}) is gone", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
