@@ -162,7 +162,7 @@ def test_nan_stops_the_run_and_keeps_the_good_checkpoints(tmp_path, cache_dir):
     proc = _launch(_args(out, cache_dir, "faults.max_nonfinite_steps=2"), port=29646, MOE_DIST_NAN_AT="1:5")
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "non-finite" in text and "step 6" in text and "step-4" in text, text[-3000:]
+    assert "non-finite" in text and "steps 5..6" in text and "step-4" in text, text[-3000:]
     assert [s for s, _ in complete_checkpoints(out / "checkpoints")] == [2, 4]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("event") == "skipped_step"] == [5, 6]
@@ -273,3 +273,15 @@ def test_every_process_group_gets_dist_timeout_s():
     from dist_utils import run_distributed
 
     run_distributed(_groups_get_the_bound, 2)
+
+
+def test_a_collapsed_run_is_reported(tmp_path, cache_dir):
+    """train.lr=1e6 collapses the model to a constant loss with a zero gradient norm: still
+    exit 0 (it is not an error of the job), but a warning and a `stalled` metrics record."""
+    out = tmp_path / "flat"
+    proc = _python(_args(out, cache_dir, "train.lr=1e6", "train.steps=30", "faults.stall_steps=5",
+                         "checkpoint.every=0"))
+    _ok(proc)
+    assert "WARNING" in proc.stdout + proc.stderr and "gradient norm was 0" in proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "stalled" for r in rows)

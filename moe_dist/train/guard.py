@@ -12,6 +12,7 @@ skips, stops or saves at the same step.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -70,3 +71,14 @@ class Guard:
         self.last_loss = loss
         self.stalled_run = self.stalled_run + 1 if (flat and grad_norm == 0.0) else 0
         return self.stall_steps > 0 and self.stalled_run == self.stall_steps
+
+
+def inject_nan(loss: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+    """Test hook MOE_DIST_NAN_AT="rank:step[:count]": a NaN loss on that rank from that step
+    on (for `count` steps, default all): what a diverging run looks like to the guard."""
+    spec = os.environ.get("MOE_DIST_NAN_AT")
+    if spec:
+        at_rank, start, *count = (int(x) for x in spec.split(":"))
+        if at_rank == rank and start <= step < start + (count[0] if count else 10**9):
+            return loss * float("nan")
+    return loss

@@ -38,7 +38,7 @@ from moe_dist.train import checkpoint as ckpt
 from moe_dist.train import zero_state
 from moe_dist.train.engine import build_engine
 from moe_dist.train.evaluate import exact_match
-from moe_dist.train.guard import DivergenceError, Guard, arm_overflow_check
+from moe_dist.train.guard import DivergenceError, Guard, arm_overflow_check, inject_nan
 from moe_dist.train.metrics import MetricsLogger
 from moe_dist.train.rebalance import Rebalancer, expert_imbalance
 from moe_dist.train.report import format_summary
@@ -173,7 +173,7 @@ class Trainer:
         engine, losses = self.ds.engine, []
         for _ in range(self.cfg.train.grad_accum):
             batch = {k: v.to(self.device) for k, v in self.batches.next_batch().items()}
-            loss = self._inject_nan(engine(**batch, use_cache=False).loss)
+            loss = inject_nan(engine(**batch, use_cache=False).loss, self.rank, self.step + 1)
             extra = self.method.extra_loss(self.model)
             engine.backward(loss if extra is None else loss + extra)
             engine.step()
@@ -182,16 +182,6 @@ class Trainer:
         if fail_at and fail_at == f"{self.rank}:{self.step + 1}":
             raise RuntimeError(f"injected failure (MOE_DIST_FAIL_AT={fail_at})")
         return torch.stack(losses).mean().item()
-
-    def _inject_nan(self, loss: torch.Tensor) -> torch.Tensor:
-        """Test hook MOE_DIST_NAN_AT="rank:step[:count]": a NaN loss on that rank from that step
-        (for `count` steps, default all): what a diverging run looks like to the guard."""
-        spec = os.environ.get("MOE_DIST_NAN_AT")
-        if spec:
-            rank, start, *count = (int(x) for x in spec.split(":"))
-            if rank == self.rank and start <= self.step + 1 < start + (count[0] if count else 10**9):
-                return loss * float("nan")
-        return loss
 
     def after_step(self, loss: float) -> None:
         """Collective: the job's verdict on this step (one all-reduce): a non-finite step was
@@ -205,7 +195,7 @@ class Trainer:
             if self.guard.diverged():
                 good = ckpt.complete_checkpoints(ckpt.checkpoint_root(self.cfg.output_dir))
                 raise DivergenceError(
-                    f"training diverged: steps {self.step - self.guard.nonfinite_run + 1}..step {self.step} had a "
+                    f"training diverged: steps {self.step - self.guard.nonfinite_run + 1}..{self.step} had a "
                     f"non-finite loss or gradient ({self.guard.nonfinite_run} in a row, faults.max_nonfinite_steps="
                     f"{self.cfg.faults.max_nonfinite_steps}); no checkpoint was written from that state. Resume from "
                     + (f"{good[-1][1]} (checkpoint.resume=auto) with a lower train.lr (now {self.cfg.train.lr:g})"
