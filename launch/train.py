@@ -125,7 +125,7 @@ def run(cfg: RunConfig) -> dict:
     trainer.setup()
     summary = trainer.run()
     trainer.ds.engine.destroy()
-    if cfg.export.formats and torch.distributed.get_rank() == 0:  # one process, from the final checkpoint
+    if cfg.export.formats and summary["checkpoint"] and torch.distributed.get_rank() == 0:  # from the final checkpoint
         from moe_dist.export import export
 
         root = Path(cfg.export.dir or Path(cfg.output_dir) / "export")

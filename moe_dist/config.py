@@ -71,6 +71,10 @@ class DataSection:
 
     def validate(self, path: str) -> None:
         positive(self, path, "seq_len")
+        for name in ("train", "eval"):  # an empty local file: said now, not after the model is built
+            source = Path(getattr(self, name))
+            if getattr(self, name) and source.is_file() and source.stat().st_size == 0:
+                raise ConfigError(f"{path}.{name}: data file {source} is empty")
 
 
 @dataclass

@@ -29,6 +29,15 @@ class RoutingStats:
     def mass_share_LE(self) -> torch.Tensor:
         return self.mass_LE / self.mass_LE.sum(-1, keepdim=True).clamp(min=1e-30)
 
+    def to_dict(self) -> dict:
+        """JSON (float64 values round-trip exactly through Python's float repr)."""
+        return {"layers": self.layers, "tokens_LE": self.tokens_LE.tolist(), "mass_LE": self.mass_LE.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoutingStats":
+        return cls(list(d["layers"]), torch.tensor(d["tokens_LE"], dtype=torch.float64),
+                   torch.tensor(d["mass_LE"], dtype=torch.float64))
+
     def __add__(self, other: "RoutingStats") -> "RoutingStats":
         assert self.layers == other.layers, (self.layers, other.layers)
         return RoutingStats(self.layers, self.tokens_LE + other.tokens_LE, self.mass_LE + other.mass_LE)

@@ -73,3 +73,35 @@ def test_rng_state_round_trips_without_pickle(tmp_path):
     assert ckpt.load_rng_state(path)
     got = (random.random(), np.random.normal(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_rotation_keeps_the_newest_finite_and_the_one_just_written(tmp_path):
+    import json
+
+    root = tmp_path / "checkpoints"
+    for step, loss in ((2, 1.0), (4, float("nan")), (6, float("nan")), (9, 0.5)):
+        d = root / f"step-{step}"
+        d.mkdir(parents=True)
+        (d / ckpt.STATE_FILE).write_text(json.dumps({"step": step, "loss": loss}))
+    ckpt.rotate(root, keep=1, written=root / "step-4")  # a run resumed at step 2 wrote step 4 below step 9
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [4, 9]
+    (root / "step-9").rename(root / ".bad-step-9")  # what resume=auto does with an unreadable one
+    (root / "step-8").mkdir()
+    (root / "step-8" / ckpt.STATE_FILE).write_text(json.dumps({"step": 8, "loss": float("nan")}))
+    (root / "step-3").mkdir()
+    (root / "step-3" / ckpt.STATE_FILE).write_text(json.dumps({"step": 3, "loss": 2.0}))
+    ckpt.rotate(root, keep=1, written=root / "step-8")
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [3, 8]  # the newest finite one is never rotated away
+    assert (root / ".bad-step-9").is_dir()  # set-aside ones are not checkpoints to rotate
+
+
+def test_checkpoints_of_the_previous_layout_still_read(tmp_path):
+    """trainer_state.json before each owner had its entry: read as today's layout."""
+    import json
+
+    (tmp_path / ckpt.STATE_FILE).write_text(json.dumps({
+        "step": 4, "optimizer_step": 4, "scheduler": {"base_lrs": [0.1]}, "data_position": {"epoch": 0},
+        "importance_LE": [[0.5]], "world_size": 2}))
+    state = ckpt.read_trainer_state(tmp_path)
+    assert state["engine"] == {"optimizer_step": 4, "scheduler": {"base_lrs": [0.1]}, "counters": {}}
+    assert state["data"] == {"epoch": 0} and state["method_state"] == {"importance_LE": [[0.5]]}

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PRETRAIN_STEPS
+from test_train_launch import _losses, _ok
 from moe_dist.train.checkpoint import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,15 +49,6 @@ def _launch(args: list[str], port: int, **env: str) -> subprocess.CompletedProce
 def _python(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=600)
-
-
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def _ok(proc) -> None:
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -189,10 +181,12 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, cach
     text = proc.stdout + proc.stderr
     assert f"skipping {newest}" in text and "adapters-rank00000.safetensors" in text, text[-3000:]
     assert f"resuming from {out / 'checkpoints' / f'step-{STEPS - 2}'}" in text
-    (newest / "trainer_state.json").write_text("{not json")  # an invalid state file: the same fallback
+    assert (out / "checkpoints" / f".bad-step-{STEPS}").is_dir()  # set aside for a look, not deleted
+    _same_curve({s: v for s, v in _losses(reference).items()}, {s: v for s, v in _losses(out).items() if s <= STEPS})
     from moe_dist.train.checkpoint import resolve_resume
 
-    assert resolve_resume("auto", out, log=lambda _: None).name == f"step-{STEPS + 2}"
+    (out / "checkpoints" / f"step-{STEPS + 2}" / "trainer_state.json").write_text("{not json")  # invalid state
+    assert resolve_resume("auto", out, log=lambda _: None).name == f"step-{STEPS}"
 
 
 def test_resume_applies_a_new_lr_and_refuses_fixed_keys(tmp_path, cache_dir, reference):
@@ -239,7 +233,8 @@ def test_bad_inputs_are_named_before_any_work(tmp_path, cache_dir):
         proc = _python(args)
         assert proc.returncode != 0, name
         assert all(e in proc.stderr for e in expected), (name, proc.stderr[-2000:])
-        assert time.time() - t0 < 60, name
+        assert "trainable params" not in proc.stdout, name  # refused before the model was built
+        assert time.time() - t0 < 120, name
 
 
 def test_malformed_jsonl_lines_are_counted_not_fatal(tmp_path, cache_dir):

@@ -137,6 +137,25 @@ class DMEP(Method):
         targets = dmep_targets(hf.num_hidden_layers, dense=not is_moe(hf), targets=d.targets, attention=attention)
         return initial_plan(targets, d.num_experts, cfg.lora.rank, d.top_k)
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.model: nn.Module | None = None
+        self.pending_counts: dict | None = None  # from a checkpoint, until the model exists
+
+    def state_dict(self) -> dict:
+        """Collective: the selections counted since the last prune, summed over ranks (a resume
+        prunes from the same utilisation as the uninterrupted run)."""
+        mods = lora_moe_modules(self.model) if self.model is not None else []
+        if not mods:
+            return {}
+        both = torch.cat([torch.cat([m.selected_N.double(), m.gate_mass_N]) for m in mods])
+        if dist.is_initialized():
+            dist.all_reduce(both)
+        return {"counts": both.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending_counts = state.get("counts")
+
     def last_prune_passed(self, step: int) -> bool:
         points = self.cfg.dmep.prune_points()
         return bool(points) and step >= points[-1]
@@ -144,6 +163,16 @@ class DMEP(Method):
     def prepare(self, model: nn.Module, step: int) -> None:
         """The load-balancing loss goes off once the last prune point has passed (survivors
         specialise); uniform LoRA-MoE (no prune points) keeps it."""
+        self.model = model
+        if self.pending_counts is not None:  # the job's sums on rank 0, zeros elsewhere: same totals
+            counts, start = torch.tensor(self.pending_counts, dtype=torch.float64), 0
+            first = not dist.is_initialized() or dist.get_rank() == 0
+            for m in lora_moe_modules(model):
+                n = len(m.experts)
+                m.selected_N.copy_(counts[start:start + n].long() if first else torch.zeros(n, dtype=torch.long))
+                m.gate_mass_N.copy_(counts[start + n:start + 2 * n] if first else torch.zeros(n, dtype=torch.float64))
+                start += 2 * n
+            self.pending_counts = None
         if self.last_prune_passed(step):
             set_load_balancing(model, False)
 

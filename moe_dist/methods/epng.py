@@ -151,13 +151,10 @@ class EPnG(Method):
                               + (f"; {note}" if note else ""))
 
     def state_dict(self) -> dict:
-        w = self.window
         return {"importance_LE": None if self.importance_LE is None else self.importance_LE.tolist(),
-                "window": None if w is None else {"layers": w.layers, "tokens_LE": w.tokens_LE.tolist(),
-                                                  "mass_LE": w.mass_LE.tolist()}}
+                "window": None if self.window is None else self.window.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         imp, w = state.get("importance_LE"), state.get("window")
         self.importance_LE = None if imp is None else torch.tensor(imp, dtype=torch.float64)
-        self.window = None if w is None else RoutingStats(w["layers"], torch.tensor(w["tokens_LE"], dtype=torch.float64),
-                                                          torch.tensor(w["mass_LE"], dtype=torch.float64))
+        self.window = None if w is None else RoutingStats.from_dict(w)

@@ -93,6 +93,17 @@ def unresponsive_ranks(directory: str | Path, world: int, stale_after: float) ->
     return out
 
 
+def _is_same_program(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            theirs = f.read().split(b"\0")
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+            ours = f.read().split(b"\0")
+    except OSError:
+        return False
+    return len(theirs) > 1 and len(ours) > 1 and theirs[1] == ours[1]  # the same script
+
+
 def describe_unresponsive(directory: str | Path, world: int, stale_after: float, fence: bool = True) -> str:
     """A line naming the stale ranks; with `fence`, stale ranks on this host get SIGKILL (the
     job is ending: a stopped process would otherwise hold its launcher up)."""
@@ -102,7 +113,8 @@ def describe_unresponsive(directory: str | Path, world: int, stale_after: float,
     parts = []
     for rank, age, who in stale:
         what = f"rank {rank} ({who.get('host', '?')} pid {who.get('pid', '?')}, no heartbeat for {age:.0f} s)"
-        if fence and who.get("host") == socket.gethostname() and who.get("pid") not in (None, os.getpid()):
+        if fence and who.get("host") == socket.gethostname() and who.get("pid") not in (None, os.getpid()) \
+                and _is_same_program(int(who["pid"])):  # not a reused pid of a finished run
             try:
                 os.kill(int(who["pid"]), signal.SIGKILL)
                 what += ", killed"

@@ -88,9 +88,11 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def resolve_resume(resume: str, output_dir: str | Path, log=print) -> Path | None:
+def resolve_resume(resume: str, output_dir: str | Path, log=print, set_aside: bool = False) -> Path | None:
     """`""` -> None; `auto` -> the newest complete checkpoint that loads, skipping (and naming)
-    any newer one that does not (or None: a fresh start); else that path, which must load."""
+    any newer one that does not (or None: a fresh start); else that path, which must load.
+    With `set_aside` (the run that resumes, once), a skipped one is renamed `.bad-step-N`: kept
+    for a look, out of the way of resume and rotation."""
     if not resume:
         return None
     if resume == "auto":
@@ -99,6 +101,8 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print) -> Path | Non
             if problem is None:
                 return path
             log(f"checkpoint.resume=auto: skipping {path}: {problem}")
+            if set_aside:
+                os.rename(path, path.with_name(f".bad-{path.name}"))
         return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
@@ -109,6 +113,25 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print) -> Path | Non
     return path
 
 
+def agreed_resume_path(resume: str, output_dir: str | Path, log=print) -> Path | None:
+    """Collective: rank 0 picks the checkpoint (setting unreadable ones aside), every rank
+    takes its pick, so no two ranks can resume from different steps."""
+    rank, _ = _rank_world()
+    found: list = [None]
+    if rank == 0:
+        try:
+            path = resolve_resume(resume, output_dir, log, set_aside=True)
+            found = [("ok", None if path is None else str(path))]
+        except ResumeError as exc:
+            found = [("error", str(exc))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    kind, value = found[0]
+    if kind == "error":
+        raise ResumeError(value)
+    return None if value is None else Path(value)
+
+
 def _finite_loss(path: Path) -> bool:
     try:
         loss = json.loads((path / STATE_FILE).read_text()).get("loss")
@@ -117,18 +140,30 @@ def _finite_loss(path: Path) -> bool:
     return loss is not None and math.isfinite(loss)
 
 
-def rotate(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints, and always the newest one whose loss was
-    finite (a diverged stretch never rotates away the last good state)."""
+def rotate(root: Path, keep: int, written: Path) -> None:
+    """Keep the newest `keep` complete checkpoints, the one just `written` (a run resumed from
+    an older step may sit below newer ones), and always the newest one whose loss was finite
+    (a diverged stretch never rotates away the last good state)."""
     found = complete_checkpoints(root)
     good = next((path for _, path in reversed(found) if _finite_loss(path)), None)
     for _, stale in found[:-keep]:
-        if stale != good:
+        if stale not in (good, written):
             shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_trainer_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
+    """The state file, in today's layout: checkpoints written before each owner had its own
+    entry (Adam step and schedule at the top level, `data_position`, a method's `importance_LE`)
+    are read as if written now."""
+    state = json.loads((path / STATE_FILE).read_text())
+    if "engine" not in state and "optimizer_step" in state:
+        state["engine"] = {"optimizer_step": state.pop("optimizer_step"), "scheduler": state.pop("scheduler", None),
+                           "counters": {}}
+    if "data" not in state and "data_position" in state:
+        state["data"] = state.pop("data_position")
+    if "method_state" not in state and "importance_LE" in state:
+        state["method_state"] = {"importance_LE": state.pop("importance_LE")}
+    return state
 
 
 # ---- RNG (safetensors + JSON, no pickle) --------------------------------------------------
@@ -206,7 +241,7 @@ def save_checkpoint(output_dir: str | Path, step: int, engine: EngineSnapshot, w
         else:
             os.rename(tmp, final)
         _fsync_dir(root)
-        rotate(root, keep)
+        rotate(root, keep, final)
     _barrier()
     return final
 

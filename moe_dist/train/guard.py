@@ -60,6 +60,29 @@ class Guard:
             self.nonfinite_run = 0
         return health
 
+    def report(self, step: int, health: StepHealth, loss: float, grad_norm: float, logger, cfg) -> None:
+        """Log a skipped step, stop a diverged run (naming the checkpoint to resume from), warn
+        about a stalled one. Every rank holds the same verdict, so every rank raises alike."""
+        if health.nonfinite:
+            logger.record(step, "skipped_step", {"nonfinite_in_a_row": self.nonfinite_run})
+            logger.print(f"step {step}: non-finite loss or gradient on some rank; the update was skipped on every "
+                         f"rank ({self.nonfinite_run} in a row)")
+            if self.diverged():
+                from moe_dist.train.checkpoint import checkpoint_root, complete_checkpoints
+
+                good = complete_checkpoints(checkpoint_root(cfg.output_dir))
+                where = (f"{good[-1][1]} (checkpoint.resume=auto) with a lower train.lr (now {cfg.train.lr:g})" if good
+                         else "scratch with a lower train.lr (no checkpoint yet)")
+                raise DivergenceError(
+                    f"training diverged: steps {step - self.nonfinite_run + 1}..{step} had a non-finite loss or "
+                    f"gradient ({self.nonfinite_run} in a row, faults.max_nonfinite_steps={self.max_nonfinite}); no "
+                    f"checkpoint was written from that state. Resume from {where}")
+        if self.stalled(loss, grad_norm):
+            logger.record(step, "stalled", {"steps": self.stall_steps})
+            logger.print(f"WARNING step {step}: the loss has not moved and the gradient norm was 0 for "
+                         f"{self.stall_steps} steps: the run is not training (train.lr {cfg.train.lr:g} too high or "
+                         "too low?)")
+
     def diverged(self) -> bool:
         return self.max_nonfinite > 0 and self.nonfinite_run >= self.max_nonfinite
 

@@ -29,6 +29,12 @@ class Rebalancer:
         self.enabled = self.cfg.enabled and ep_size > 1
         self.window: RoutingStats | None = None
 
+    def state_dict(self) -> dict:
+        return {"window": None if self.window is None else self.window.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window = RoutingStats.from_dict(state["window"]) if state.get("window") else None
+
     def observe(self, stats: RoutingStats) -> None:
         self.window = stats if self.window is None else self.window + stats
 

@@ -32,17 +32,17 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def fixed_key_changes(saved_config: dict, cfg: Any) -> list[str]:
     """'key (saved X, given Y)' for every key the checkpoint fixes that `cfg` changes."""
-    saved, now = _flat(saved_config), _flat(dataclasses.asdict(cfg))
+    from moe_dist.config import config_from_dict
+
+    # Through today's config classes, so older spellings (comma strings for lists) compare equal.
+    saved, now = _flat(dataclasses.asdict(config_from_dict(saved_config))), _flat(dataclasses.asdict(cfg))
     free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in FREE_ON_RESUME)  # noqa: E731
     return [f"{k} (saved {saved[k]!r}, given {now[k]!r})" for k in sorted(saved)
             if k in now and not free(k) and _norm(saved[k]) != _norm(now[k])]
 
 
 def _norm(v: Any) -> Any:
-    """Old checkpoints stored lists as comma strings."""
-    if isinstance(v, str) and "," in v:
-        return [x.strip() for x in v.split(",") if x.strip()]
-    return v
+    return [] if v == ["auto"] else v  # a list option's default spelled out ("targets: auto")
 
 
 def check_resume_config(saved_config: dict, cfg: Any, path) -> float:

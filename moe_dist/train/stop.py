@@ -7,7 +7,7 @@ the launcher going away:
 - the `deepspeed` runner dying on a single node (it installs no handler and leaves its
   launcher behind): a watcher thread sees the launcher re-parented and raises SIGTERM here.
 
-The first request only sets a flag. The trainer all-reduces it with the step's other flags
+The first request only sets a flag (repeats within REPEAT_WINDOW_S are the same request). The trainer all-reduces it with the step's other flags
 (moe_dist/train/guard.py), so every rank stops after the same step, writes the checkpoint
 and exits non-zero (EXIT_CODE). If that takes longer than the grace period, or a second
 signal arrives, the process exits at once (the previous checkpoint is whole: saves are
@@ -19,11 +19,12 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import sys
 import threading
 import time
 
 EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect of a preempted job
+REPEAT_WINDOW_S = 3.0  # Ctrl-C reaches every process, then the launcher forwards SIGTERM: one stop, not two
+LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun")
 
 
 class Preempted(SystemExit):
@@ -32,6 +33,15 @@ class Preempted(SystemExit):
     def __init__(self, message: str):
         super().__init__(EXIT_CODE)
         self.message = message
+
+
+def _say(text: str) -> None:
+    """From a signal handler: os.write, not print (a handler interrupting a print to the same
+    stream would raise 'reentrant call' into the training loop)."""
+    try:
+        os.write(2, (text + "\n").encode(errors="replace"))
+    except OSError:
+        pass
 
 
 def _die_with_parent() -> None:
@@ -72,8 +82,9 @@ class StopRequests:
     def install(self) -> "StopRequests":
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._on_signal)
-        _die_with_parent()
         launcher = os.getppid()
+        if any(name in _cmdline(launcher) for name in LAUNCHERS):  # not a shell: `nohup python ...` survives logout
+            _die_with_parent()
         if "deepspeed.launcher.launch" in _cmdline(launcher):
             threading.Thread(target=self._watch_runner, args=(launcher, _parent_of(launcher)),
                              name="moe_dist-runner-watch", daemon=True).start()
@@ -85,19 +96,20 @@ class StopRequests:
 
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if self.requested:  # a second signal: no more waiting
-            print(f"[rank {self.rank}] {name} again during the stop ({self.reason}): exiting now", file=sys.stderr,
-                  flush=True)
+        if self.requested:
+            if time.monotonic() - self.since < REPEAT_WINDOW_S:  # the same stop, fanned out by a launcher
+                return
+            _say(f"[rank {self.rank}] {name} again during the stop ({self.reason}): exiting now")
             os._exit(EXIT_CODE)
         self.reason, self.since = name, time.monotonic()
-        print(f"[rank {self.rank}] {name}: stopping after this step with a checkpoint "
-              f"(within {self.grace_s:.0f} s; a second signal exits at once)", file=sys.stderr, flush=True)
+        _say(f"[rank {self.rank}] {name}: stopping after this step with a checkpoint "
+             f"(within {self.grace_s:.0f} s; another signal after {REPEAT_WINDOW_S:.0f} s exits at once)")
         threading.Thread(target=self._grace_timer, name="moe_dist-grace", daemon=True).start()
 
     def _grace_timer(self) -> None:
         time.sleep(self.grace_s)
-        print(f"[rank {self.rank}] the stop ({self.reason}) did not finish within {self.grace_s:.0f} s: exiting without "
-              "a new checkpoint (the previous one is whole)", file=sys.stderr, flush=True)
+        _say(f"[rank {self.rank}] the stop ({self.reason}) did not finish within {self.grace_s:.0f} s: exiting without "
+             "a new checkpoint (the previous one is whole)")
         os._exit(EXIT_CODE)
 
     def _watch_runner(self, launcher: int, runner: int | None) -> None:
@@ -107,6 +119,6 @@ class StopRequests:
             if parent is None:  # the launcher itself is gone: PDEATHSIG has fired or will
                 return
             if parent != runner:
-                print(f"[rank {self.rank}] the deepspeed runner (pid {runner}) is gone", file=sys.stderr, flush=True)
+                _say(f"[rank {self.rank}] the deepspeed runner (pid {runner}) is gone")
                 os.kill(os.getpid(), signal.SIGTERM)
                 return

@@ -38,7 +38,7 @@ from moe_dist.train import checkpoint as ckpt
 from moe_dist.train import zero_state
 from moe_dist.train.engine import build_engine
 from moe_dist.train.evaluate import exact_match
-from moe_dist.train.guard import DivergenceError, Guard, arm_overflow_check, inject_nan
+from moe_dist.train.guard import Guard, arm_overflow_check, inject_nan
 from moe_dist.train.metrics import MetricsLogger
 from moe_dist.train.rebalance import Rebalancer, expert_imbalance
 from moe_dist.train.report import format_summary
@@ -55,7 +55,7 @@ class Trainer:
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.ep_size = cfg.ep_size or self.world
         self.is_main = self.rank == 0
-        self.resume_from = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.output_dir, log=self.log)
+        self.resume_from = ckpt.agreed_resume_path(cfg.checkpoint.resume, cfg.output_dir, self.log)
         self.saved = ckpt.read_trainer_state(self.resume_from) if self.resume_from is not None else None
         self.lr_factor = check_resume_config(self.saved["config"], cfg, self.resume_from) if self.saved else 1.0
         self.step = self.saved["step"] if self.saved else 0
@@ -103,6 +103,9 @@ class Trainer:
                 self.log(f"train.lr {self.cfg.train.lr:g}: resumed schedule scaled x{self.lr_factor:g}")
             ckpt.load_masks(self.resume_from, self.lori_masks())
             self.method.load_state_dict(self.saved.get("method_state") or {})
+            self.rebalancer.load_state_dict(self.saved.get("rebalance") or {})
+            self.guard.nonfinite_total = self.saved.get("skipped_steps", 0)
+            self.last_loss = self.saved.get("loss") if self.saved.get("loss") is not None else float("nan")
             self.log(f"resuming from {self.resume_from} (step {self.step}, saved by world {self.saved['world_size']} "
                      f"EP {self.saved['ep_size']}): {len(snap.values)} adapter tensors loaded on rank {self.rank}")
         self.method.prepare(self.model, self.step)
@@ -188,25 +191,8 @@ class Trainer:
         skipped by every rank, too many in a row stop the run; a stall is reported."""
         health = self.guard.check(loss, self.ds.engine.was_step_applied(), self.stop.requested)
         self.stop_now = health.stop
-        if health.nonfinite:
-            self.logger.record(self.step, "skipped_step", {"nonfinite_in_a_row": self.guard.nonfinite_run})
-            self.logger.print(f"step {self.step}: non-finite loss or gradient on some rank; the update was skipped on "
-                              f"every rank ({self.guard.nonfinite_run} in a row)")
-            if self.guard.diverged():
-                good = ckpt.complete_checkpoints(ckpt.checkpoint_root(self.cfg.output_dir))
-                raise DivergenceError(
-                    f"training diverged: steps {self.step - self.guard.nonfinite_run + 1}..{self.step} had a "
-                    f"non-finite loss or gradient ({self.guard.nonfinite_run} in a row, faults.max_nonfinite_steps="
-                    f"{self.cfg.faults.max_nonfinite_steps}); no checkpoint was written from that state. Resume from "
-                    + (f"{good[-1][1]} (checkpoint.resume=auto) with a lower train.lr (now {self.cfg.train.lr:g})"
-                       if good else "scratch with a lower train.lr (no checkpoint yet)"))
-        grad_norm = float(self.ds.engine.get_global_grad_norm() or 0.0)
-        if self.guard.stalled(loss, grad_norm):
-            text = (f"step {self.step}: the loss has not moved and the gradient norm was 0 for "
-                    f"{self.cfg.faults.stall_steps} steps: the run is not training (train.lr {self.cfg.train.lr:g} "
-                    "too high or too low?)")
-            self.logger.record(self.step, "stalled", {"steps": self.cfg.faults.stall_steps})
-            self.logger.print(f"WARNING {text}")
+        self.guard.report(self.step, health, loss, float(self.ds.engine.get_global_grad_norm() or 0.0), self.logger,
+                          self.cfg)
 
     def collect_routing(self) -> RoutingStats:
         """Collective: drain the model's counters into the run total, the method and the rebalancer."""
@@ -264,16 +250,20 @@ class Trainer:
     def save(self) -> Path | None:
         """Collective. Each owner gives its own state: engine (snapshot), data, method, trainer.
         Nothing is written from a non-finite state (a skipped step, a non-finite value)."""
+        self.collect_routing()  # counts since the last read go to their owners' windows first
         params = adapter_params(self.model)
         snap = zero_state.snapshot(self.ds.engine, self.ds.scheduler, params)
-        bad = torch.tensor([float(self.guard.nonfinite_run > 0 or not all(
-            torch.isfinite(v).all() for v in (*snap.values.values(), *snap.optim.values())))], device=self.device)
+        # (a skipped step leaves the state as it was: only non-finite values stop a save)
+        bad = torch.tensor([float(not all(torch.isfinite(v).all() for v in (*snap.values.values(),
+                                                                             *snap.optim.values())))],
+                           device=self.device)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             self.logger.print(f"step {self.step}: not saving a checkpoint: the state is not finite")
             return None
         owners = {"data": self.batches.state_dict(), "method_state": self.method.state_dict(), "loss": self.last_loss,
+                  "skipped_steps": self.guard.nonfinite_total, "rebalance": self.rebalancer.state_dict(),
                   "ep_size": self.ep_size, "method": self.cfg.method,
                   "placements": {str(l): list(p.owner) for l, p in current_placements(experts_modules(self.model)).items()},
                   "config": dataclasses.asdict(self.cfg),
@@ -332,19 +322,20 @@ class Trainer:
                 logger.heatmap("routing/expert_load", self.step, stats.load_share_LE())
                 logger.heatmap("routing/router_mass", self.step, stats.mass_share_LE())
                 t_log, steps_since_log = time.perf_counter(), 0
-            self.decide()
+            self.decide()  # (part of the step: a resume starts after it)
+            if self.stop_now:  # every rank, this step: checkpoint and go, no evaluation
+                self.preempt()
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 logger.eval(self.step, self.evaluate())
-            saved = None
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
-                saved = self.save()
-                logger.print(f"checkpoint {saved}")
-            if self.stop_now and self.step < cfg.train.steps:
-                self.preempt(saved)
-        after = self.evaluate()
+                logger.print(f"checkpoint {self.save()}")
+        after = None if self.stop.requested else self.evaluate()  # a stop arriving now: save first
         if after:
             logger.eval(self.step, after)
         final = self.save()
+        if final is None:  # not finite: the newest good one is the run's result
+            found = ckpt.complete_checkpoints(ckpt.checkpoint_root(cfg.output_dir))
+            final = found[-1][1] if found else None
         logger.close()
         summary = self.summary(losses, times, tokens_per_step, before, after, final)
         if self.is_main:
@@ -353,10 +344,9 @@ class Trainer:
             self.log(format_summary(summary))
         return summary
 
-    def preempt(self, saved: Path | None) -> None:
-        """Every rank got the stop with the same step's flags: checkpoint (if this step did not
-        already), then end the run non-zero."""
-        path = saved or self.save()
+    def preempt(self) -> None:
+        """Every rank got the stop with the same step's flags: checkpoint, end the run non-zero."""
+        path = self.save()
         self.logger.close()
         where = f"checkpoint {path} written" if path else "no checkpoint written (state not finite)"
         raise Preempted(f"stopped by {self.stop.reason or 'a peer rank'} after step {self.step}: {where}; continue "
@@ -382,5 +372,5 @@ class Trainer:
             "accuracy_before": before["accuracy"] if before else None,
             "accuracy_after": after["accuracy"] if after else None,
             "eval_samples": after["samples"] if after else [],
-            "checkpoint": str(final), "output_dir": cfg.output_dir,
+            "checkpoint": None if final is None else str(final), "output_dir": cfg.output_dir,
         }
