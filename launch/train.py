@@ -86,15 +86,23 @@ def heartbeat_dir(cfg: RunConfig) -> Path:
 
 
 def failure_context(cfg: RunConfig, exc: BaseException) -> str:
-    """After a collective timed out: which ranks stopped responding (fenced on this host)."""
+    """Which peer is behind a failed collective: a rank whose process is gone (on this host),
+    or after a timeout, the ranks that stopped responding (fenced on this host)."""
     from moe_dist.parallel.liveness import describe_unresponsive
+
+    from moe_dist.parallel.liveness import exited_ranks
 
     text = f"{type(exc).__name__}: {exc}".lower()
     timed_out = any(k in text for k in ("timed out", "timeout", "deadline"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not timed_out or world == 1:
+    if world == 1:
         return ""
-    return "; " + describe_unresponsive(heartbeat_dir(cfg), world, stale_after=5 * cfg.faults.heartbeat_s)
+    gone = exited_ranks(heartbeat_dir(cfg), world)  # a peer killed outright (SIGKILL, OOM) leaves no line
+    if gone:
+        return "; the process of " + ", ".join(f"rank {r} (pid {w['pid']})" for r, w in gone) + " is gone"
+    if timed_out:
+        return "; " + describe_unresponsive(heartbeat_dir(cfg), world, stale_after=5 * cfg.faults.heartbeat_s)
+    return ""
 
 
 def run(cfg: RunConfig) -> dict:

@@ -280,3 +280,17 @@ def test_a_collapsed_run_is_reported(tmp_path, cache_dir):
     assert "WARNING" in proc.stdout + proc.stderr and "gradient norm was 0" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "stalled" for r in rows)
+
+
+def test_a_killed_rank_is_named_by_its_peer(tmp_path, cache_dir):
+    """SIGKILL (the OOM killer) leaves no line from the rank itself, and the launcher names
+    the last spawned rank: the peer's own FAILED line says whose process is gone."""
+    out = tmp_path / "kill"
+    proc = subprocess.Popen(_cmd(_args(out, cache_dir, "train.steps=400"), 29650), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(out, 2, proc)
+    pids = _rank_pids(out)
+    os.kill(pids[1], signal.SIGKILL)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"rank 1 (pid {pids[1]}) is gone" in text, text[-3000:]

@@ -104,6 +104,27 @@ def _is_same_program(pid: int) -> bool:
     return len(theirs) > 1 and len(ours) > 1 and theirs[1] == ours[1]  # the same script
 
 
+def exited_ranks(directory: str | Path, world: int) -> list[tuple[int, dict]]:
+    """Ranks on this host whose process is gone (killed by a signal, the OOM killer, ...)."""
+    out = []
+    for rank in range(world):
+        try:
+            who = json.loads((Path(directory) / f"rank-{rank}").read_text() or "{}")
+        except (OSError, ValueError):
+            continue
+        if who.get("host") == socket.gethostname() and who.get("pid") and not _running(int(who["pid"])):
+            out.append((rank, who))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited, unreaped
+    except (OSError, IndexError):
+        return False
+
+
 def describe_unresponsive(directory: str | Path, world: int, stale_after: float, fence: bool = True) -> str:
     """A line naming the stale ranks; with `fence`, stale ranks on this host get SIGKILL (the
     job is ending: a stopped process would otherwise hold its launcher up)."""
