@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_dist.config import RunConfig, config_from_dict
+from moe_dist.config import RunConfig
 from moe_dist.data.dataset import RowEncoder, encode_dataset, load_rows
 from moe_dist.data.packing import ShardedBatches
 from moe_dist.methods import Change, RunInfo, method_class
