@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from moe_dist.procfs import cmdline, running
+
 
 def bound_collective_waits(seconds: float) -> None:
     """Every process group, existing or future, times out after `seconds`."""
@@ -94,14 +96,9 @@ def unresponsive_ranks(directory: str | Path, world: int, stale_after: float) ->
 
 
 def _is_same_program(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            theirs = f.read().split(b"\0")
-        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
-            ours = f.read().split(b"\0")
-    except OSError:
-        return False
-    return len(theirs) > 1 and len(ours) > 1 and theirs[1] == ours[1]  # the same script
+    """Runs the same script as this process (not a reused pid of something else)."""
+    theirs, ours = cmdline(pid), cmdline(os.getpid())
+    return len(theirs) > 1 and len(ours) > 1 and theirs[1] == ours[1]
 
 
 def exited_ranks(directory: str | Path, world: int) -> list[tuple[int, dict]]:
@@ -112,17 +109,10 @@ def exited_ranks(directory: str | Path, world: int) -> list[tuple[int, dict]]:
             who = json.loads((Path(directory) / f"rank-{rank}").read_text() or "{}")
         except (OSError, ValueError):
             continue
-        if who.get("host") == socket.gethostname() and who.get("pid") and not _running(int(who["pid"])):
+        if who.get("host") == socket.gethostname() and who.get("pid") and not running(int(who["pid"])):
             out.append((rank, who))
     return out
 
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited, unreaped
-    except (OSError, IndexError):
-        return False
 
 
 def describe_unresponsive(directory: str | Path, world: int, stale_after: float, fence: bool = True) -> str:

@@ -22,6 +22,8 @@ import signal
 import threading
 import time
 
+from moe_dist.procfs import cmdline, parent_of
+
 EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect of a preempted job
 REPEAT_WINDOW_S = 3.0  # Ctrl-C reaches every process, then the launcher forwards SIGTERM: one stop, not two
 LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun")
@@ -52,28 +54,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 class StopRequests:
     def __init__(self, rank: int, grace_s: float, log=print):
         self.rank, self.grace_s, self.log = rank, grace_s, log
         self.reason: str | None = None
         self.since: float | None = None
-        self._previous = {}
 
     @property
     def requested(self) -> bool:
@@ -81,18 +66,15 @@ class StopRequests:
 
     def install(self) -> "StopRequests":
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._on_signal)
+            signal.signal(sig, self._on_signal)
         launcher = os.getppid()
-        if any(name in _cmdline(launcher) for name in LAUNCHERS):  # not a shell: `nohup python ...` survives logout
+        launcher_cmd = " ".join(cmdline(launcher))
+        if any(name in launcher_cmd for name in LAUNCHERS):  # not a shell: `nohup python ...` survives logout
             _die_with_parent()
-        if "deepspeed.launcher.launch" in _cmdline(launcher):
-            threading.Thread(target=self._watch_runner, args=(launcher, _parent_of(launcher)),
+        if "deepspeed.launcher.launch" in launcher_cmd:
+            threading.Thread(target=self._watch_runner, args=(launcher, parent_of(launcher)),
                              name="moe_dist-runner-watch", daemon=True).start()
         return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
@@ -115,7 +97,7 @@ class StopRequests:
     def _watch_runner(self, launcher: int, runner: int | None) -> None:
         while True:
             time.sleep(1.0)
-            parent = _parent_of(launcher)
+            parent = parent_of(launcher)
             if parent is None:  # the launcher itself is gone: PDEATHSIG has fired or will
                 return
             if parent != runner:

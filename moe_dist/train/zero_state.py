@@ -44,13 +44,6 @@ def snapshot(engine, scheduler, params: dict[str, torch.nn.Parameter]) -> Engine
                           {k: getattr(engine, k) for k in COUNTERS})
 
 
-def restore(engine, scheduler, params: dict[str, torch.nn.Parameter], snap: EngineSnapshot) -> None:
-    """A fresh engine (built over `params`) continues exactly where `snap` was taken."""
-    restore_engine_state(engine, scheduler, params, snap.values, snap.optim, snap.optimizer_step, snap.scheduler)
-    for k, v in snap.counters.items():
-        setattr(engine, k, v)
-
-
 def link_optimizer_state(engine) -> None:
     """Point every parameter's ZeRO fragment at its optimizer state.
 
@@ -156,9 +149,9 @@ def adam_step(engine) -> int:
     return 0
 
 
-def restore_engine_state(engine, scheduler, params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor],
-                         optim: dict[str, torch.Tensor], optimizer_step: int, scheduler_state: dict | None) -> None:
-    """Put saved fp32 masters, Adam moments, step count and LR schedule into a fresh engine.
+def restore(engine, scheduler, params: dict[str, torch.nn.Parameter], snap: EngineSnapshot) -> None:
+    """A fresh engine (built over `params`) continues exactly where `snap` was taken: fp32
+    masters, Adam moments, step count, LR schedule, engine counters.
 
     torch's Adam creates its state lazily at the first step, and ZeRO links the per-parameter
     fragments only then; we create the state (zeros, step count) the way that first step
@@ -166,6 +159,7 @@ def restore_engine_state(engine, scheduler, params: dict[str, torch.nn.Parameter
     masters are set too: with bf16 the module copy the engine started from was rounded."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    values, optim, optimizer_step, scheduler_state = snap.values, snap.optim, snap.optimizer_step, snap.scheduler
     base = engine.optimizer.optimizer
     for group in base.param_groups:
         for flat in group["params"]:
@@ -183,6 +177,8 @@ def restore_engine_state(engine, scheduler, params: dict[str, torch.nn.Parameter
         # LambdaLR.load_state_dict restores its counter, not the optimizer's current lr.
         for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr
+    for k, v in snap.counters.items():
+        setattr(engine, k, v)
 
 
 def destroy_engine(engine) -> None:
