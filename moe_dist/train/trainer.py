@@ -298,8 +298,9 @@ class Trainer:
         before = self.evaluate() if cfg.eval.before and self.step == 0 else None
         if before:
             logger.eval(self.step, before)
-        losses, times = [], []
+        losses, times, self.step_ends = [], [], []  # step_ends: wall clock at each step's end (bench/e2e.py)
         t_log, steps_since_log = time.perf_counter(), 0
+        t_run = t_log
         collect_routing_stats(self.model)  # reset counters touched by evaluation
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
@@ -329,6 +330,7 @@ class Trainer:
                 logger.eval(self.step, self.evaluate())
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
                 logger.print(f"checkpoint {self.save()}")
+            self.step_ends.append(round(time.perf_counter() - t_run, 6))
         after = None if self.stop.requested else self.evaluate()  # a stop arriving now: save first
         if after:
             logger.eval(self.step, after)
@@ -367,6 +369,7 @@ class Trainer:
             "steps": self.step, "tokens_per_sec": tokens_per_step * len(times) / sum(times) if times else None,
             # after the structure changes have happened (prunes, growth): the last quarter
             "tokens_per_sec_final": tokens_per_step * len(last) / sum(last) if last else None,
+            "tokens_per_step": tokens_per_step, "step_ends_s": self.step_ends,  # everything in the loop
             "first_loss": finite[0] if finite else None, "final_loss": run_losses if finite else None,
             "skipped_steps": self.guard.nonfinite_total,
             "accuracy_before": before["accuracy"] if before else None,

@@ -1,0 +1,132 @@
+"""Where a distributed training step's time goes: phase times and torch.profiler's top ops,
+for moe_dist's trainer or the HF + PEFT + DeepSpeed alternative (bench/e2e_baseline.py).
+
+    deepspeed --num_gpus 2 bench/profile_step.py moe_dist [key=value ...]   (tiny_lora recipe overrides)
+    deepspeed --num_gpus 2 bench/profile_step.py baseline --model DIR [--seq-len 128 --micro-batch 8]
+
+Rank 0 prints, over the profiled steps, the mean time of each phase (data, forward, backward,
+ZeRO step, the trainer's per-step checks) and the ops with the most self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import record_function
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+WARMUP, PROFILED = 10, 5
+
+
+def moe_dist_step_fns(overrides: list[str]):
+    """(step phases, model) of a moe_dist Trainer built as launch/train.py builds it."""
+    from launch.train import parse
+    from moe_dist.train.trainer import Trainer
+
+    cfg = parse(["--recipe", str(ROOT / "launch/recipes/tiny_lora.yaml"), "data.eval=", "export.formats=[]",
+                 "output_dir=bench/out/profile_step", *overrides])
+    import deepspeed
+
+    deepspeed.init_distributed(verbose=False)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    torch.manual_seed(cfg.seed)
+    tr = Trainer(cfg, torch.device("cpu"), bf16=False)
+    tr.setup()
+
+    def phases():
+        engine = tr.ds.engine
+        t = [time.perf_counter()]
+        batch = {k: v.to(tr.device) for k, v in tr.batches.next_batch().items()}
+        t.append(time.perf_counter())
+        loss = engine(**batch, use_cache=False).loss
+        t.append(time.perf_counter())
+        with record_function("phase:backward"):
+            engine.backward(loss)
+        t.append(time.perf_counter())
+        with record_function("phase:zero_step"):
+            engine.step()
+        t.append(time.perf_counter())
+        tr.step += 1
+        tr.after_step(loss.item())
+        t.append(time.perf_counter())
+        return [b - a for a, b in zip(t, t[1:])]
+
+    return phases
+
+
+def baseline_step_fns(argv: list[str]):
+    import deepspeed
+    import json
+    from e2e_baseline import ATTN_TARGETS, EXPERT_TARGETS, packed_batches
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    args, _ = ap.parse_known_args(argv)
+    deepspeed.init_distributed(verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, experts_implementation="grouped_mm")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=ATTN_TARGETS,
+                                             target_parameters=EXPERT_TARGETS))
+    ds = json.loads((ROOT / "ds_configs/zero2.json").read_text())
+    ds.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_clipping=1.0,
+              zero_allow_untested_optimizer=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    batches = packed_batches(args.model, args.seq_len, args.micro_batch, rank, world, 0)
+
+    def phases():
+        t = [time.perf_counter()]
+        batch = batches.next_batch()
+        t.append(time.perf_counter())
+        loss = engine(**batch).loss
+        t.append(time.perf_counter())
+        with record_function("phase:backward"):
+            engine.backward(loss)
+        t.append(time.perf_counter())
+        with record_function("phase:zero_step"):
+            engine.step()
+        t.append(time.perf_counter())
+        loss.item()
+        t.append(time.perf_counter())
+        return [b - a for a, b in zip(t, t[1:])]
+
+    return phases
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    system, rest = args[0], args[1:]
+    phases = moe_dist_step_fns(rest) if system == "moe_dist" else baseline_step_fns(rest)
+    for _ in range(WARMUP):
+        phases()
+    times = [phases() for _ in range(PROFILED)]
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(PROFILED):
+            phases()
+    if torch.distributed.get_rank() == 0:
+        names = ["data", "forward", "backward", "zero step", "per-step checks"]
+        mean = [sum(c) / len(c) * 1000 for c in zip(*times)]
+        print(f"\n{system}: threads {torch.get_num_threads()}, mean ms per step {sum(mean):.1f}: "
+              + ", ".join(f"{n} {m:.1f}" for n, m in zip(names, mean)))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("ROWS", "30"))))
+        if os.environ.get("TRACE"):
+            prof.export_chrome_trace(os.environ["TRACE"])
+
+
+if __name__ == "__main__":
+    main()
