@@ -16,12 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.profiler import record_function
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import launch.train  # noqa: E402,F401  (first: it sets OMP_NUM_THREADS before torch loads)
+
+import torch  # noqa: E402
+from torch.profiler import record_function
 
 WARMUP, PROFILED = 10, 5
 
@@ -36,8 +37,6 @@ def moe_dist_step_fns(overrides: list[str]):
     import deepspeed
 
     deepspeed.init_distributed(verbose=False)
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     torch.manual_seed(cfg.seed)
     tr = Trainer(cfg, torch.device("cpu"), bf16=False)
     tr.setup()
@@ -113,6 +112,16 @@ def main() -> None:
     for _ in range(WARMUP):
         phases()
     times = [phases() for _ in range(PROFILED)]
+    if os.environ.get("CPROFILE"):  # Python-level view: where the interpreter spends the step
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as cp:
+            for _ in range(PROFILED):
+                phases()
+        if torch.distributed.get_rank() == 0:
+            pstats.Stats(cp).sort_stats(os.environ["CPROFILE"]).print_stats(int(os.environ.get("ROWS", "30")))
+        return
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -24,12 +24,22 @@ class DivergenceError(RuntimeError):
 
 
 def arm_overflow_check(engine) -> None:
-    """Make ZeRO skip the update of a step with a non-finite gradient in fp32 as it does in
-    bf16/fp16 (DeepSpeed checks only those by default): gradients zeroed, no optimizer or LR
-    step, `engine.skipped_steps` counted, the flag all-reduced so every rank skips."""
+    """Make ZeRO skip the update of a step with a non-finite gradient, in fp32 as in bf16:
+    gradients zeroed, no optimizer or LR step, `engine.skipped_steps` counted, every rank alike.
+
+    ZeRO-1/2 (DeepSpeed 0.19.8) finds a non-finite gradient two ways: a serial pass over every
+    gradient tensor (`check_overflow`: one isfinite kernel and reduction per tensor, ~1/8 of a
+    tiny-model step with 300 adapter tensors) and the global gradient norm it computes anyway for
+    clipping (all-reduced; inf/NaN masked to -1 and flagged when `check_grad_overflow` is on or
+    the dtype is not bf16). With the norm computed the serial pass finds nothing the norm does
+    not, so it is turned off and the norm decides; without it (`compute_grad_norm: false`) the
+    serial pass stays."""
     zero = getattr(engine, "optimizer", None)
-    if zero is not None and hasattr(zero, "check_grad_overflow"):
-        zero.check_grad_overflow = True
+    if zero is None or not hasattr(zero, "check_grad_overflow"):
+        return
+    zero.check_grad_overflow = True
+    if getattr(zero, "compute_grad_norm", False) and hasattr(zero, "check_overflow"):
+        zero.check_overflow = lambda partition_gradients=True: None
 
 
 @dataclass
