@@ -49,14 +49,14 @@ def test_local_dispatch_roundtrip_and_gradient():
     x = torch.randn(T, D, generator=g, requires_grad=True)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     disp = LocalDispatcher([5, 0, 1, 2, 3, 4], E)  # slot order differs from expert ids
-    xs, meta = disp.dispatch(x, idx)
+    xs, meta = disp.dispatch(x, idx, torch.ones(T, K))
     assert sum(meta.tokens_per_expert) == T * K
     assert meta.tokens_per_expert[0] == int((idx == 5).sum())
     # rows of slot 0 are exactly the tokens routed to expert 5
     rows5 = xs[: meta.tokens_per_expert[0]]
     tok5 = torch.where((idx == 5).any(1))[0]
     torch.testing.assert_close(rows5, x[tok5])
-    out = disp.combine(xs, torch.ones(T, K), meta)
+    out = disp.combine(xs, meta)
     torch.testing.assert_close(out, x * K)
     out.sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, float(K)))
@@ -78,12 +78,12 @@ def test_local_dispatch_combine_matches_dense_reference(dtype):
     order = [2, 0, 4, 1, 3]
     disp = LocalDispatcher(order, E)
     x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-    xs, meta = disp.dispatch(x, idx)
+    xs, meta = disp.dispatch(x, idx, w)
     ys, start = [], 0
     for slot, n in enumerate(meta.tokens_per_expert):
         ys.append(xs[start:start + n] @ W[order[slot]].T)
         start += n
-    out = disp.combine(torch.cat(ys), w, meta)
+    out = disp.combine(torch.cat(ys), meta)
     assert out.dtype == dtype
     x_ref, w_ref = x0.float().requires_grad_(), w0.clone().requires_grad_()
     ref = (torch.einsum("tkij,tj->tki", W[idx].float(), x_ref) * w_ref.unsqueeze(-1)).sum(1)

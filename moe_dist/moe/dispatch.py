@@ -1,14 +1,23 @@
 """Token dispatch and combine for expert parallelism.
 
-Shape legend: T tokens on this rank, D hidden, K top-k, N = T*K routed slots sent from this
-rank, M rows received by this rank (sum over sources), E experts in the layer, e experts owned
-by this rank, P expert-parallel world size.
+Shape legend: T tokens on this rank, D hidden, K top-k, N = T*K routed slots of this rank,
+P expert-parallel world size, S (token, destination rank) pairs this rank sends, R rows it
+receives (sum over sources), Q routed slots it computes (rows expanded to its experts),
+J = min(P, K) the most ranks one token can reach, E experts in the layer, e owned here.
 
-Phases (Megatron's split): `dispatch` = permute (no communication) -> exchange (counts, then
-rows, all-to-all over the EP group) -> local sort by owned expert (no communication).
-`combine` = local unsort -> exchange back -> unpermute and gate-weighted sum (no comm).
-Dispatchers keep no per-call state: `dispatch` returns a frozen `DispatchMeta` that `combine`
-takes back, so two layers, activation recompute or re-entrant calls cannot clash.
+Each token is sent once to each rank that owns at least one of its top-k experts, not once
+per (token, expert) (the token-deduplicating dispatch of DeepEP and Megatron's flex
+dispatcher): with its row go, per slot on that rank, the local expert and the gate weight.
+The owning rank expands the row to its experts, computes them, sums their gate-weighted
+outputs, and sends one row back per pair; the source adds up one row per rank. With top-4 of
+16 experts on 2 ranks a token reaches ~1.9 ranks, not 4 experts: about half the rows.
+
+Phases: `dispatch` = pairs and counts (one count all-to-all, the layer's one host sync) ->
+exchange rows with their slot metadata -> expand to local-expert-major order (no comm).
+`combine` = weighted sum per received row (no comm) -> exchange back -> sum per token.
+Dispatchers keep no per-call state: `dispatch` returns a frozen meta that `combine` takes
+back, so two layers, activation recompute or re-entrant calls cannot clash. Every reduction
+has a fixed order (no atomics), so results do not depend on the device's scheduling.
 """
 
 from __future__ import annotations
@@ -20,93 +29,94 @@ import torch.distributed as dist
 from deepspeed.moe.ep_count import count_tokens_per_expert
 
 
+@dataclass(frozen=True)
+class LocalMeta:
+    """What `LocalDispatcher.combine` needs: the slot permutation and the gate weights."""
+
+    unsort_N: torch.Tensor  # position of each routed slot (token-major) in expert-major order
+    sort_N: torch.Tensor  # its inverse: expert-major order -> token-major slot
+    token_N: torch.Tensor  # token of each slot in expert-major order (sort_N // top_k)
+    weights_TK: torch.Tensor
+    tokens_per_expert: list[int]  # rows per owned expert, in local slot order (host ints)
+
 
 @dataclass(frozen=True)
-class DispatchMeta:
-    """Everything `combine` needs to route expert outputs back, returned by `dispatch`."""
+class AllToAllMeta:
+    """What `AllToAllDispatcher.combine` needs to send outputs back and add them up."""
 
-    unsort_N: torch.Tensor  # position of each routed slot (token-major) in the sent order
-    sort_N: torch.Tensor  # its inverse: sent order -> token-major slot
-    token_N: torch.Tensor  # token of each slot in sent order (sort_N // top_k)
-    input_splits: list[int]  # rows this rank sent to each EP rank
+    weights_RK: torch.Tensor  # gate weight of each received row's slots here (0: not here)
+    order_Q: torch.Tensor  # computed slot q is flat position row * K + k of the received rows
+    pair_token_S: torch.Tensor  # token of each sent pair
+    pair_pos_S: torch.Tensor  # token * J + (how many ranks before this one the token reaches)
+    input_splits: list[int]  # pairs this rank sent to each EP rank
     output_splits: list[int]  # rows this rank received from each EP rank
-    local_sort_M: torch.Tensor | None  # received rows -> local-expert-major order (None: identity)
-    local_unsort_M: torch.Tensor | None  # its inverse
-    tokens_per_expert: list[int]  # rows per owned expert, in local slot order (host ints)
+    tokens_per_expert: list[int]  # computed rows per owned expert, local slot order (host ints)
     num_tokens: int
-    top_k: int
+    ranks_per_token: int  # J
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits whose backward is the mirror exchange.
-    (torch.distributed.nn.functional.all_to_all_single does this too but is deprecated.)"""
+    """all_to_all_single of one or more row tensors with the same uneven splits; backward is
+    the mirror exchange of their gradients, in the same order on every rank (one node, so
+    the autograd engine cannot reorder the collectives between ranks)."""
 
     @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
+    def forward(ctx, output_splits, input_splits, group, *xs):
         ctx.splits, ctx.group = (output_splits, input_splits), group
-        out = x.new_empty(sum(output_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-        return out
+        outs = []
+        for x in xs:
+            out = x.new_empty(sum(output_splits), *x.shape[1:])
+            dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+            outs.append(out)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grads):
         output_splits, input_splits = ctx.splits
-        grad_in = grad_out.new_empty(sum(input_splits), *grad_out.shape[1:])
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group)
-        return grad_in, None, None, None
+        grad_ins = []
+        for g in grads:
+            grad_in = g.new_empty(sum(input_splits), *g.shape[1:])
+            dist.all_to_all_single(grad_in, g.contiguous(), input_splits, output_splits, group=ctx.group)
+            grad_ins.append(grad_in)
+        return (None, None, None, *grad_ins)
 
 
-def exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    """Rows x[sum(input_splits[:r]) : ...] go to rank r; returns the rows received (autograd-aware)."""
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+def exchange(output_splits: list[int], input_splits: list[int], group, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rows x[sum(input_splits[:r]) : ...] of each x go to rank r; returns the rows received
+    (autograd-aware)."""
+    return _AllToAll.apply(output_splits, input_splits, group, *xs)
 
 
-class _Permute(torch.autograd.Function):
-    """rows[perm] whose backward is a gather by the inverse permutation: no zero-filled
-    buffer and no scatter-add, unlike index_select's backward."""
-
-    @staticmethod
-    def forward(ctx, rows, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return rows.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (inverse,) = ctx.saved_tensors
-        return grad_out.index_select(0, inverse), None, None
+def _fixed_order_add(g_ND: torch.Tensor) -> bool:
+    """CPU index_add_ is sequential (deterministic) and one pass; elsewhere it is atomic (GPU)
+    or would round every add (bf16), so those scatter into a buffer and sum in a fixed order."""
+    return g_ND.device.type == "cpu" and g_ND.dtype in (torch.float32, torch.float64)
 
 
-def permute(rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """rows[perm] for a permutation `perm` with `inverse` = its inverse (pure, no communication)."""
-    return _Permute.apply(rows, perm, inverse)
-
-
-class _GatherTokens(torch.autograd.Function):
-    """The token row of every routed slot, in sent order: x[sort // K]. One gather from the T
-    token rows instead of copying each token K times and then permuting; backward adds each
-    slot's gradient into its token row."""
+class _GatherRows(torch.autograd.Function):
+    """x[index] where several gathered rows may read one source row; `pos` gives each
+    gathered row a distinct place in a (source rows x J) grid, so backward sums a row's
+    gradients in a fixed order (or with one sequential index_add_ on CPU)."""
 
     @staticmethod
-    def forward(ctx, x_TD, token_N, unsort_N, K):
-        ctx.save_for_backward(unsort_N, token_N)
-        ctx.K = K
-        return x_TD.index_select(0, token_N)
+    def forward(ctx, x_TD, index_N, pos_N, J):
+        ctx.save_for_backward(index_N, pos_N)
+        ctx.T, ctx.J = x_TD.shape[0], J
+        return x_TD.index_select(0, index_N)
 
     @staticmethod
     def backward(ctx, g_ND):
-        unsort_N, token_N = ctx.saved_tensors
-        N, D = g_ND.shape
-        if g_ND.device.type == "cpu" and g_ND.dtype in (torch.float32, torch.float64):
-            # CPU index_add_ is sequential (deterministic) and one pass; elsewhere it is atomic
-            # (GPU) or would round every add (bf16), so those gather and sum in fp32.
-            return g_ND.new_zeros(N // ctx.K, D).index_add_(0, token_N, g_ND), None, None, None
-        return g_ND.index_select(0, unsort_N).view(N // ctx.K, ctx.K, D).sum(1), None, None, None
+        index_N, pos_N = ctx.saved_tensors
+        D = g_ND.shape[1]
+        if _fixed_order_add(g_ND):
+            return g_ND.new_zeros(ctx.T, D).index_add_(0, index_N, g_ND), None, None, None
+        grid = g_ND.new_zeros(ctx.T * ctx.J, D).index_copy_(0, pos_N, g_ND)
+        return grid.view(ctx.T, ctx.J, D).sum(1), None, None, None
 
 
-def gather_tokens(x_TD: torch.Tensor, token_N: torch.Tensor, unsort_N: torch.Tensor, K: int) -> torch.Tensor:
-    """Rows for the N = T*K routed slots in sent order (`token_N` = sort // K); `unsort_N`
-    maps token-major slots to their position in sent order."""
-    return _GatherTokens.apply(x_TD, token_N, unsort_N, K)
+def gather_rows(x_TD: torch.Tensor, index_N: torch.Tensor, pos_N: torch.Tensor, J: int) -> torch.Tensor:
+    """Rows x[index] (autograd-aware); pos_N: distinct positions < T * J, see _GatherRows."""
+    return _GatherRows.apply(x_TD, index_N, pos_N, J)
 
 
 class _WeightedCombine(torch.autograd.Function):
@@ -119,7 +129,7 @@ class _WeightedCombine(torch.autograd.Function):
     def forward(ctx, y_ND, w_TK, unsort_N, sort_N, token_N):
         T, K = w_TK.shape
         dt = torch.promote_types(y_ND.dtype, w_TK.dtype)
-        y_TKD = y_ND.index_select(0, unsort_N).view(T, K, -1)
+        y_TKD = y_ND.index_select(0, unsort_N).view(T, K, y_ND.shape[1])
         out_TD = torch.bmm(w_TK.to(dt).unsqueeze(1), y_TKD.to(dt)).squeeze(1)
         ctx.save_for_backward(y_TKD, w_TK, sort_N, token_N)
         return out_TD.to(y_ND.dtype)
@@ -138,9 +148,46 @@ class _WeightedCombine(torch.autograd.Function):
         return grad_y, grad_w, None, None, None
 
 
-def weighted_combine(y_ND: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-    """Expert outputs in sent order -> gate-weighted sum per token, in the rows' dtype."""
-    return _WeightedCombine.apply(y_ND, top_k_weights_TK, meta.unsort_N, meta.sort_N, meta.token_N)
+class _ScatterWeightedSum(torch.autograd.Function):
+    """out[r] = sum_k w[r, k] * y[q] over the computed slots q at flat position r*K + k: each
+    received row's outputs from this rank's experts, gate-weighted, in the promoted dtype."""
+
+    @staticmethod
+    def forward(ctx, y_QD, w_RK, order_Q):
+        (R, K), D = w_RK.shape, y_QD.shape[1]
+        dt = torch.promote_types(y_QD.dtype, w_RK.dtype)
+        y_RKD = y_QD.new_zeros(R * K, D, dtype=dt).index_copy_(0, order_Q, y_QD.to(dt)).view(R, K, D)
+        ctx.save_for_backward(y_RKD, w_RK, order_Q)
+        ctx.y_dtype = y_QD.dtype
+        return torch.bmm(w_RK.to(dt).unsqueeze(1), y_RKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        y_RKD, w_RK, order_Q = ctx.saved_tensors
+        K = w_RK.shape[1]
+        g_RD = g_RD.to(y_RKD.dtype)
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_Q1 = w_RK.to(y_RKD.dtype).reshape(-1).index_select(0, order_Q).unsqueeze(1)
+            grad_y = g_RD.index_select(0, torch.div(order_Q, K, rounding_mode="floor")).mul_(w_Q1).to(ctx.y_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.linalg.vecdot(y_RKD, g_RD.unsqueeze(1)).to(w_RK.dtype)
+        return grad_y, grad_w, None
+
+
+class _SumPairs(torch.autograd.Function):
+    """out[t] = sum of the rows sent back for token t (one per rank it reached), in rank order."""
+
+    @staticmethod
+    def forward(ctx, y_SD, token_S, pos_S, T, J):
+        ctx.save_for_backward(token_S)
+        D = y_SD.shape[1]
+        return y_SD.new_zeros(T * J, D).index_copy_(0, pos_S, y_SD).view(T, J, D).sum(1)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        (token_S,) = ctx.saved_tensors
+        return g_TD.index_select(0, token_S), None, None, None, None
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -165,102 +212,113 @@ class LocalDispatcher:
         self.slot_of_expert_E = self.slot_of_expert_E.to(device)
         return self
 
-    def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor) -> tuple[torch.Tensor, DispatchMeta]:
+    def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
+                 top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, LocalMeta]:
         T, K = top_k_index_TK.shape
         slot_N = self.slot_of_expert_E[top_k_index_TK.reshape(-1)]
         sort_N = torch.argsort(slot_N, stable=True)
         tokens_per_expert = count_tokens_per_expert(slot_N, self.num_experts).tolist()  # the one host sync
         unsort_N = _inverse_permutation(sort_N)
         token_N = torch.div(sort_N, K, rounding_mode="floor")
-        x_ND = gather_tokens(x_TD, token_N, unsort_N, K)
-        meta = DispatchMeta(
-            unsort_N=unsort_N,
-            sort_N=sort_N,
-            token_N=token_N,
-            input_splits=[T * K],
-            output_splits=[T * K],
-            local_sort_M=None,
-            local_unsort_M=None,
-            tokens_per_expert=tokens_per_expert,
-            num_tokens=T,
-            top_k=K,
-        )
-        return x_ND, meta
+        x_ND = gather_rows(x_TD, token_N, sort_N, K)  # sort_N = t*K + k: a distinct grid place
+        return x_ND, LocalMeta(unsort_N, sort_N, token_N, top_k_weights_TK, tokens_per_expert)
 
-    def combine(self, y_MD: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        return weighted_combine(y_MD, top_k_weights_TK, meta)
+    def combine(self, y_MD: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
+        """Expert outputs in expert-major order -> gate-weighted sum per token, in the rows' dtype."""
+        return _WeightedCombine.apply(y_MD, meta.weights_TK, meta.unsort_N, meta.sort_N, meta.token_N)
 
 
 class AllToAllDispatcher:
-    """Sends each routed slot to the rank that owns its expert, with `all_to_all_single`
-    (uneven splits; the per-expert counts are exchanged first). Autograd flows through the
-    exchange, so the backward pass runs
-    the mirror collectives on every rank in the same order, even for ranks with no rows."""
+    """Sends each token once to every rank that owns one of its experts, with
+    `all_to_all_single` (uneven splits; the counts are exchanged first). Autograd flows
+    through the exchanges, so the backward pass runs the mirror collectives on every rank in
+    the same order, even for ranks with no rows."""
 
     def __init__(self, experts_by_rank: list[list[int]], ep_rank: int, group: dist.ProcessGroup, device=None):
         """`experts_by_rank[r]` lists rank r's experts in r's local slot order (every rank
-        must pass the same lists: they define the global send order)."""
+        must pass the same lists: they define the global order)."""
         self.ep_size = len(experts_by_rank)
         self.ep_rank = ep_rank
         self.group = group
         self.num_experts = sum(len(x) for x in experts_by_rank)
-        # Global send order: ranks in order, each rank's experts in its local slot order.
         self.num_local_of_rank = [len(x) for x in experts_by_rank]
         self.local_experts = experts_by_rank[ep_rank]
+        # Keys: ranks in order, each rank's experts in its local slot order.
         order = torch.tensor([e for xs in experts_by_rank for e in xs], dtype=torch.long)
         self.key_of_expert_E = _inverse_permutation(order)
         self.rank_of_key_E = torch.tensor([r for r, xs in enumerate(experts_by_rank) for _ in xs], dtype=torch.long)
+        self.local_of_key_E = torch.tensor([i for xs in experts_by_rank for i in range(len(xs))], dtype=torch.long)
+        # The count message to rank r: [pairs, slots, slots per expert of r (local order)].
+        self.count_splits = [2 + n for n in self.num_local_of_rank]
+        starts = [sum(self.count_splits[:r]) for r in range(self.ep_size)]
+        self.pos_pairs_P = torch.tensor(starts, dtype=torch.long)
+        self.pos_keys_E = torch.tensor([starts[r] + 2 + i for r, xs in enumerate(experts_by_rank)
+                                        for i in range(len(xs))], dtype=torch.long)
+        self.rows_sent = {"pairs": 0, "slots": 0}  # to other ranks, per forward (host ints: free)
         if device is not None:
             self.to(device)
 
     def to(self, device: torch.device) -> "AllToAllDispatcher":
-        self.key_of_expert_E = self.key_of_expert_E.to(device)
-        self.rank_of_key_E = self.rank_of_key_E.to(device)
+        for name in ("key_of_expert_E", "rank_of_key_E", "local_of_key_E", "pos_pairs_P", "pos_keys_E"):
+            setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor) -> tuple[torch.Tensor, DispatchMeta]:
+    def _exchange_counts(self, hit_TP: torch.Tensor, rank_TK: torch.Tensor, key_TK: torch.Tensor) -> list[int]:
+        """Host ints [pairs to each rank | slots to each rank | rows from each rank | slots per
+        owned expert]: one all-to-all and the layer's one host sync."""
+        P, e = self.ep_size, len(self.local_experts)
+        dev = hit_TP.device
+        pairs_P = hit_TP.sum(0)
+        slots_P = torch.bincount(rank_TK.reshape(-1), minlength=P)
+        send = torch.empty(sum(self.count_splits), dtype=torch.long, device=dev)
+        send[self.pos_pairs_P] = pairs_P
+        send[self.pos_pairs_P + 1] = slots_P
+        send[self.pos_keys_E] = count_tokens_per_expert(key_TK.reshape(-1), self.num_experts).long()
+        recv_P2e = torch.empty(P * (2 + e), dtype=torch.long, device=dev)
+        dist.all_to_all_single(recv_P2e, send, output_split_sizes=[2 + e] * P, input_split_sizes=self.count_splits,
+                               group=self.group)
+        recv_P2e = recv_P2e.view(P, 2 + e)
+        return torch.cat((pairs_P, slots_P, recv_P2e[:, 0], recv_P2e[:, 2:].sum(0))).tolist()
+
+    def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
+                 top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, AllToAllMeta]:
         T, K = top_k_index_TK.shape
         P, e = self.ep_size, len(self.local_experts)
-        # permute (no communication)
-        key_N = self.key_of_expert_E[top_k_index_TK.reshape(-1)]
-        sort_N = torch.argsort(key_N, stable=True)
-        counts_E = count_tokens_per_expert(key_N, self.num_experts).long()
-        send_P = torch.zeros(P, dtype=torch.long, device=counts_E.device).scatter_add_(0, self.rank_of_key_E, counts_E)
-        # exchange counts: rank r receives, from every source, the counts of r's own experts
-        recv_counts_Pe = torch.empty(P * e, dtype=torch.long, device=counts_E.device)
-        dist.all_to_all_single(
-            recv_counts_Pe, counts_E, output_split_sizes=[e] * P, input_split_sizes=self.num_local_of_rank, group=self.group
-        )
-        recv_counts_Pe = recv_counts_Pe.view(P, e)
-        # The one host sync of the layer: split lists and local counts in a single copy.
-        host = torch.cat((send_P, recv_counts_Pe.sum(1), recv_counts_Pe.sum(0))).tolist()
-        input_splits, output_splits, tokens_per_expert = host[:P], host[P : 2 * P], host[2 * P :]
-        # exchange rows
-        unsort_N = _inverse_permutation(sort_N)
-        token_N = torch.div(sort_N, K, rounding_mode="floor")
-        x_ND = gather_tokens(x_TD, token_N, unsort_N, K)
-        M = sum(output_splits)
-        x_MD = exchange(x_ND, output_splits, input_splits, self.group)
-        # local sort (no communication): rows arrive source-major, experts want expert-major
-        local_id_M = torch.arange(e, device=x_MD.device).repeat(P).repeat_interleave(recv_counts_Pe.reshape(-1), output_size=M)
-        local_sort_M = torch.argsort(local_id_M, stable=True)
-        local_unsort_M = _inverse_permutation(local_sort_M)
-        meta = DispatchMeta(
-            unsort_N=unsort_N,
-            sort_N=sort_N,
-            token_N=token_N,
-            input_splits=input_splits,
-            output_splits=output_splits,
-            local_sort_M=local_sort_M,
-            local_unsort_M=local_unsort_M,
-            tokens_per_expert=tokens_per_expert,
-            num_tokens=T,
-            top_k=K,
-        )
-        return permute(x_MD, local_sort_M, local_unsort_M), meta
+        J = min(P, K)
+        key_TK = self.key_of_expert_E[top_k_index_TK]
+        rank_TK = self.rank_of_key_E[key_TK]
+        hit_TP = torch.zeros(T, P, dtype=torch.bool, device=x_TD.device).scatter_(1, rank_TK, True)
+        host = self._exchange_counts(hit_TP, rank_TK, key_TK)
+        input_splits, slots_sent = host[:P], host[P:2 * P]
+        output_splits, tokens_per_expert = host[2 * P:3 * P], host[3 * P:]
+        self.rows_sent["pairs"] += sum(input_splits) - input_splits[self.ep_rank]
+        self.rows_sent["slots"] += sum(slots_sent) - slots_sent[self.ep_rank]
+        # pairs, rank-major and token-ascending within a rank (a stable sort: no host sync)
+        pair_PT = torch.argsort((~hit_TP.t().reshape(-1)).to(torch.uint8), stable=True)[: sum(input_splits)]
+        pair_rank_S = torch.div(pair_PT, T, rounding_mode="floor")
+        pair_token_S = pair_PT - pair_rank_S * T
+        nth_rank_TP = hit_TP.long().cumsum(1) - 1
+        pair_pos_S = pair_token_S * J + nth_rank_TP[pair_token_S, pair_rank_S]
+        # per pair, its slots on the destination: local expert and gate weight (-1 and 0: elsewhere)
+        here_SK = rank_TK[pair_token_S] == pair_rank_S.unsqueeze(1)
+        meta_dtype = torch.promote_types(top_k_weights_TK.dtype, torch.float32)  # exact small ints too
+        w_SK = torch.where(here_SK, top_k_weights_TK[pair_token_S].to(meta_dtype), 0)
+        local_SK = torch.where(here_SK, self.local_of_key_E[key_TK[pair_token_S]], -1).to(meta_dtype)
+        x_SD = gather_rows(x_TD, pair_token_S, pair_pos_S, J)
+        x_RD, slot_meta_R2K = exchange(output_splits, input_splits, self.group, x_SD, torch.cat((w_SK, local_SK), 1))
+        w_RK, local_RK = slot_meta_R2K[:, :K], slot_meta_R2K[:, K:].detach().long()
+        # expand received rows to their local experts, local-expert-major (stable: row order kept)
+        order_Q = torch.argsort(torch.where(local_RK >= 0, local_RK, e).reshape(-1), stable=True)
+        order_Q = order_Q[: sum(tokens_per_expert)]
+        x_QD = gather_rows(x_RD, torch.div(order_Q, K, rounding_mode="floor"), order_Q, K)
+        meta = AllToAllMeta(w_RK.to(top_k_weights_TK.dtype), order_Q, pair_token_S, pair_pos_S, input_splits,
+                            output_splits, tokens_per_expert, T, J)
+        return x_QD, meta
 
-    def combine(self, y_MD: torch.Tensor, top_k_weights_TK: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        y_source_major = permute(y_MD, meta.local_unsort_M, meta.local_sort_M)
-        y_ND = exchange(y_source_major, meta.input_splits, meta.output_splits, self.group)
-        return weighted_combine(y_ND, top_k_weights_TK, meta)
-
+    def combine(self, y_QD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
+        """Expert outputs -> gate-weighted sum per received row (promoted dtype, fp32 gates) ->
+        back to the source -> summed per token, returned in the rows' dtype."""
+        y_RD = _ScatterWeightedSum.apply(y_QD, meta.weights_RK, meta.order_Q)
+        (y_SD,) = exchange(meta.input_splits, meta.output_splits, self.group, y_RD)
+        out_TD = _SumPairs.apply(y_SD, meta.pair_token_S, meta.pair_pos_S, meta.num_tokens, meta.ranks_per_token)
+        return out_TD.to(y_QD.dtype)

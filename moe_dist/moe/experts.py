@@ -218,9 +218,9 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
     ) -> torch.Tensor:
         if self.training:  # training and routing profiling (train mode under no_grad), not generation
             self.count_routing(top_k_index, top_k_weights)
-        x_MD, meta = self.dispatcher.dispatch(hidden_states, top_k_index)
+        x_MD, meta = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights)
         y_MD = self.compute(x_MD, meta.tokens_per_expert)
-        return self.dispatcher.combine(y_MD.to(hidden_states.dtype), top_k_weights, meta)
+        return self.dispatcher.combine(y_MD.to(hidden_states.dtype), meta)
 
     def count_routing(self, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor) -> None:
         """Top-k selections and router probability mass per expert, on the device, no sync.
