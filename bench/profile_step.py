@@ -28,7 +28,8 @@ WARMUP, PROFILED = 10, 5
 
 
 def moe_dist_step_fns(overrides: list[str]):
-    """(step phases, model) of a moe_dist Trainer built as launch/train.py builds it."""
+    """Step phases of a moe_dist Trainer built as launch/train.py builds it, and a function
+    giving the rows its dispatchers sent to other ranks so far."""
     from launch.train import parse
     from moe_dist.train.trainer import Trainer
 
@@ -59,7 +60,16 @@ def moe_dist_step_fns(overrides: list[str]):
         t.append(time.perf_counter())
         return [b - a for a, b in zip(t, t[1:])]
 
-    return phases
+    def rows_sent() -> dict[str, int]:
+        from moe_dist.routing import experts_modules
+
+        out = {"pairs": 0, "slots": 0, "hidden": tr.hf_config.hidden_size, "top_k": tr.hf_config.num_experts_per_tok}
+        for mod in experts_modules(tr.model).values():
+            for k, v in getattr(mod.dispatcher, "rows_sent", {}).items():
+                out[k] += v
+        return out
+
+    return phases, rows_sent
 
 
 def baseline_step_fns(argv: list[str]):
@@ -102,16 +112,27 @@ def baseline_step_fns(argv: list[str]):
         t.append(time.perf_counter())
         return [b - a for a, b in zip(t, t[1:])]
 
-    return phases
+    return phases, None
 
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     system, rest = args[0], args[1:]
-    phases = moe_dist_step_fns(rest) if system == "moe_dist" else baseline_step_fns(rest)
+    phases, rows_sent = moe_dist_step_fns(rest) if system == "moe_dist" else baseline_step_fns(rest)
     for _ in range(WARMUP):
         phases()
+    before = rows_sent() if rows_sent else None
     times = [phases() for _ in range(PROFILED)]
+    if before is not None and before["slots"]:
+        after = rows_sent()
+        per_step = {k: (after[k] - before[k]) / PROFILED for k in ("pairs", "slots")}
+        # a row crosses twice forward (out and back) and twice backward (the mirrors), fp32 here;
+        # a pair also carries 2K floats of slot metadata (local expert, gate) out, and their gradient back
+        D, K = after["hidden"], after["top_k"]
+        mib = {"pairs": per_step["pairs"] * (4 * D + 4 * K) * 4 / 2**20, "slots": per_step["slots"] * 4 * D * 4 / 2**20}
+        print(f"rank {torch.distributed.get_rank()}: rows sent to other ranks per step: {per_step['pairs']:.0f} "
+              f"(one per token and rank) vs {per_step['slots']:.0f} (one per routed slot): all-to-all volume "
+              f"{mib['pairs']:.2f} vs {mib['slots']:.2f} MiB per step", flush=True)
     if os.environ.get("CPROFILE"):  # Python-level view: where the interpreter spends the step
         import cProfile
         import pstats
@@ -127,11 +148,11 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(PROFILED):
             phases()
+    names = ["data", "forward", "backward", "zero step", "per-step checks"]
+    mean = [sum(c) / len(c) * 1000 for c in zip(*times)]
+    print(f"\n{system} rank {torch.distributed.get_rank()}: threads {torch.get_num_threads()}, mean ms per step "
+          f"{sum(mean):.1f}: " + ", ".join(f"{n} {m:.1f}" for n, m in zip(names, mean)), flush=True)
     if torch.distributed.get_rank() == 0:
-        names = ["data", "forward", "backward", "zero step", "per-step checks"]
-        mean = [sum(c) / len(c) * 1000 for c in zip(*times)]
-        print(f"\n{system}: threads {torch.get_num_threads()}, mean ms per step {sum(mean):.1f}: "
-              + ", ".join(f"{n} {m:.1f}" for n, m in zip(names, mean)))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("ROWS", "30"))))
         if os.environ.get("TRACE"):
             prof.export_chrome_trace(os.environ["TRACE"])

@@ -55,6 +55,24 @@ class AllToAllMeta:
     ranks_per_token: int  # J
 
 
+def _all_to_all_rows(xs: tuple[torch.Tensor, ...], output_splits: list[int], input_splits: list[int],
+                     group) -> list[torch.Tensor]:
+    """all_to_all_single of 2-D row tensors that share splits; rows of one dtype travel as
+    one message (columns side by side), so rows and their slot metadata cost one collective."""
+    if len({x.dtype for x in xs}) == 1 and all(x.dim() == 2 for x in xs):
+        widths = [x.shape[1] for x in xs]
+        packed = torch.cat(xs, 1) if len(xs) > 1 else xs[0].contiguous()
+        out = packed.new_empty(sum(output_splits), sum(widths))
+        dist.all_to_all_single(out, packed, output_splits, input_splits, group=group)
+        return list(out.split(widths, 1))
+    outs = []
+    for x in xs:
+        out = x.new_empty(sum(output_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        outs.append(out)
+    return outs
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single of one or more row tensors with the same uneven splits; backward is
     the mirror exchange of their gradients, in the same order on every rank (one node, so
@@ -63,22 +81,12 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, output_splits, input_splits, group, *xs):
         ctx.splits, ctx.group = (output_splits, input_splits), group
-        outs = []
-        for x in xs:
-            out = x.new_empty(sum(output_splits), *x.shape[1:])
-            dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-            outs.append(out)
-        return tuple(outs)
+        return tuple(_all_to_all_rows(xs, output_splits, input_splits, group))
 
     @staticmethod
     def backward(ctx, *grads):
         output_splits, input_splits = ctx.splits
-        grad_ins = []
-        for g in grads:
-            grad_in = g.new_empty(sum(input_splits), *g.shape[1:])
-            dist.all_to_all_single(grad_in, g.contiguous(), input_splits, output_splits, group=ctx.group)
-            grad_ins.append(grad_in)
-        return (None, None, None, *grad_ins)
+        return (None, None, None, *_all_to_all_rows(grads, input_splits, output_splits, ctx.group))
 
 
 def exchange(output_splits: list[int], input_splits: list[int], group, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
