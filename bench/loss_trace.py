@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["train.steps=60", "train.log_every=1", "eval.before=false", "data.eval=", "checkpoint.every=0",
           "export.formats=[]", "ep_size=2"]
 RUNS = {  # name -> (recipe, overrides that bring its decisions inside 60 steps)
-    "lora": ("tiny_lora.yaml", ["repartition.force_step=30"]),
+    "lora": ("tiny_lora.yaml", ["repartition.force_step=30", "repartition.every=0"]),  # one forced move only
     "hellora": ("tiny_hellora.yaml", []),
     "hellori": ("tiny_hellori.yaml", ["hellori.stage1_steps=30"]),
     "epng": ("tiny_epng.yaml", ["epng.warmup_steps=20", "epng.interval=20"]),

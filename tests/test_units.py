@@ -272,3 +272,25 @@ def test_fused_gate_up_target_is_validated():
         load_config(None, ["lora.expert_targets=gate_proj,w9"]).validate(2, 8)
     with pytest.raises(ValueError, match="both a gate_up_proj"):
         AdapterPlan({(0, 1, "gate_up_proj"): 8, (0, 1, "up_proj"): 8})
+
+
+def test_launcher_ranks_share_the_cores(monkeypatch):
+    """Under a launcher that sets no thread count, each of the host's ranks gets cores / ranks
+    OpenMP threads (set before torch loads in a real launch); a user's OMP_NUM_THREADS wins,
+    and a world of one keeps torch's default."""
+    import os
+
+    from launch.train import share_cores_between_local_ranks
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    share_cores_between_local_ranks()
+    assert os.environ["OMP_NUM_THREADS"] == str(max(1, cores // 2))
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    share_cores_between_local_ranks()
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    share_cores_between_local_ranks()
+    assert "OMP_NUM_THREADS" not in os.environ
