@@ -27,6 +27,24 @@ from torch.profiler import record_function
 WARMUP, PROFILED = 10, 5
 
 
+def timed_step(engine, batch_fn, after_fn) -> list[float]:
+    """Seconds of each phase of one step: data, forward, backward, ZeRO step, per-step checks."""
+    t = [time.perf_counter()]
+    batch = batch_fn()
+    t.append(time.perf_counter())
+    loss = engine(**batch, use_cache=False).loss
+    t.append(time.perf_counter())
+    with record_function("phase:backward"):
+        engine.backward(loss)
+    t.append(time.perf_counter())
+    with record_function("phase:zero_step"):
+        engine.step()
+    t.append(time.perf_counter())
+    after_fn(loss)
+    t.append(time.perf_counter())
+    return [b - a for a, b in zip(t, t[1:])]
+
+
 def moe_dist_step_fns(overrides: list[str]):
     """Step phases of a moe_dist Trainer built as launch/train.py builds it, and a function
     giving the rows its dispatchers sent to other ranks so far."""
@@ -42,23 +60,13 @@ def moe_dist_step_fns(overrides: list[str]):
     tr = Trainer(cfg, torch.device("cpu"), bf16=False)
     tr.setup()
 
-    def phases():
-        engine = tr.ds.engine
-        t = [time.perf_counter()]
-        batch = {k: v.to(tr.device) for k, v in tr.batches.next_batch().items()}
-        t.append(time.perf_counter())
-        loss = engine(**batch, use_cache=False).loss
-        t.append(time.perf_counter())
-        with record_function("phase:backward"):
-            engine.backward(loss)
-        t.append(time.perf_counter())
-        with record_function("phase:zero_step"):
-            engine.step()
-        t.append(time.perf_counter())
+    def after(loss):
         tr.step += 1
         tr.after_step(loss.item())
-        t.append(time.perf_counter())
-        return [b - a for a, b in zip(t, t[1:])]
+
+    def phases():
+        return timed_step(tr.ds.engine, lambda: {k: v.to(tr.device) for k, v in tr.batches.next_batch().items()},
+                          after)
 
     def rows_sent() -> dict[str, int]:
         from moe_dist.routing import experts_modules
@@ -97,20 +105,7 @@ def baseline_step_fns(argv: list[str]):
     batches = packed_batches(args.model, args.seq_len, args.micro_batch, rank, world, 0)
 
     def phases():
-        t = [time.perf_counter()]
-        batch = batches.next_batch()
-        t.append(time.perf_counter())
-        loss = engine(**batch).loss
-        t.append(time.perf_counter())
-        with record_function("phase:backward"):
-            engine.backward(loss)
-        t.append(time.perf_counter())
-        with record_function("phase:zero_step"):
-            engine.step()
-        t.append(time.perf_counter())
-        loss.item()
-        t.append(time.perf_counter())
-        return [b - a for a, b in zip(t, t[1:])]
+        return timed_step(engine, batches.next_batch, lambda loss: loss.item())
 
     return phases, None
 

@@ -103,6 +103,8 @@ def test_plain_python_world_of_one_with_offload(tmp_path, cache_dir):
                       "ds_config=ds_configs/zero2_offload.json")))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["ep_size"] == 1 and summary["steps"] == 3
+    ends = summary["step_ends_s"]  # what bench/e2e.py times the run by: one increasing stamp per step
+    assert len(ends) == 3 and all(b > a > 0 for a, b in zip(ends, ends[1:]))
 
 
 def test_bad_override_names_the_key():
