@@ -158,28 +158,37 @@ class _WeightedCombine(torch.autograd.Function):
 
 class _ScatterWeightedSum(torch.autograd.Function):
     """out[r] = sum_k w[r, k] * y[q] over the computed slots q at flat position r*K + k: each
-    received row's outputs from this rank's experts, gate-weighted, in the promoted dtype."""
+    received row's outputs from this rank's experts, gate-weighted, in the promoted dtype.
+    Saves only the compact rows (Q x D) for backward; the (R*K x D) grid that sums a row's
+    slots in a fixed order exists only during forward, and not at all on CPU fp32 (one
+    sequential index_add_ there)."""
 
     @staticmethod
     def forward(ctx, y_QD, w_RK, order_Q):
         (R, K), D = w_RK.shape, y_QD.shape[1]
         dt = torch.promote_types(y_QD.dtype, w_RK.dtype)
-        y_RKD = y_QD.new_zeros(R * K, D, dtype=dt).index_copy_(0, order_Q, y_QD.to(dt)).view(R, K, D)
-        ctx.save_for_backward(y_RKD, w_RK, order_Q)
-        ctx.y_dtype = y_QD.dtype
-        return torch.bmm(w_RK.to(dt).unsqueeze(1), y_RKD).squeeze(1)
+        w_Q1 = w_RK.to(dt).reshape(-1).index_select(0, order_Q).unsqueeze(1)
+        wy_QD = y_QD.to(dt) * w_Q1
+        if _fixed_order_add(wy_QD):
+            out_RD = wy_QD.new_zeros(R, D).index_add_(0, torch.div(order_Q, K, rounding_mode="floor"), wy_QD)
+        else:
+            out_RD = wy_QD.new_zeros(R * K, D).index_copy_(0, order_Q, wy_QD).view(R, K, D).sum(1)
+        ctx.save_for_backward(y_QD, w_RK, order_Q)
+        return out_RD
 
     @staticmethod
     def backward(ctx, g_RD):
-        y_RKD, w_RK, order_Q = ctx.saved_tensors
+        y_QD, w_RK, order_Q = ctx.saved_tensors
         K = w_RK.shape[1]
-        g_RD = g_RD.to(y_RKD.dtype)
+        dt = torch.promote_types(y_QD.dtype, w_RK.dtype)
+        g_QD = g_RD.to(dt).index_select(0, torch.div(order_Q, K, rounding_mode="floor"))
         grad_y = grad_w = None
         if ctx.needs_input_grad[0]:
-            w_Q1 = w_RK.to(y_RKD.dtype).reshape(-1).index_select(0, order_Q).unsqueeze(1)
-            grad_y = g_RD.index_select(0, torch.div(order_Q, K, rounding_mode="floor")).mul_(w_Q1).to(ctx.y_dtype)
+            w_Q1 = w_RK.to(dt).reshape(-1).index_select(0, order_Q).unsqueeze(1)
+            grad_y = (g_QD * w_Q1).to(y_QD.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.linalg.vecdot(y_RKD, g_RD.unsqueeze(1)).to(w_RK.dtype)
+            dots_Q = torch.linalg.vecdot(y_QD.to(dt), g_QD)
+            grad_w = dots_Q.new_zeros(w_RK.numel()).index_copy_(0, order_Q, dots_Q).view_as(w_RK).to(w_RK.dtype)
         return grad_y, grad_w, None
 
 
