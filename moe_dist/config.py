@@ -88,6 +88,9 @@ class TrainSection:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
     log_every: int = 5
+    # recompute decoder layers in backward (keeps only each layer's input): activations of
+    # long sequences fit; costs about one more forward per step (moe_dist/models/recompute.py)
+    activation_checkpointing: bool = False
 
     def validate(self, path: str) -> None:
         positive(self, path, "steps", "micro_batch", "grad_accum", "log_every")

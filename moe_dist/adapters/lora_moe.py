@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from moe_dist.adapters.lora import LoRAConfig, init_lora_A
+from moe_dist.models.recompute import recomputing
 
 
 def lora_moe_key(layer: int, path: str, expert: int, part: str) -> str:
@@ -86,13 +87,17 @@ class LoRAMoELinear(nn.Module):
         delta_TO = torch.einsum("tnr,nor->to", h_TNR, B_NOR) * self.scaling
         if self.training:
             selected_TN = torch.zeros_like(probs_TN).scatter(1, top_i_TK, 1.0)
-            self.selected_N += selected_TN.sum(0).long()
-            self.gate_mass_N += gates_TN.detach().sum(0).double()
+            # the balancing loss is computed again when activation checkpointing recomputes the
+            # layer (its backward reads the recomputed tensors); the counters and the loss the
+            # trainer adds belong to the first forward only: each token counted once
+            aux = None
             if self.lb_enabled:  # Switch-style: N * sum_i f_i P_i (1 when perfectly balanced)
                 f_N = selected_TN.mean(0) / top_i_TK.shape[1]  # share of routed slots
-                self.aux_loss = N * (f_N * probs_TN.mean(0)).sum()
-            else:
-                self.aux_loss = None
+                aux = N * (f_N * probs_TN.mean(0)).sum()
+            if not recomputing():
+                self.selected_N += selected_TN.sum(0).long()
+                self.gate_mass_N += gates_TN.detach().sum(0).double()
+                self.aux_loss = aux
         return y + delta_TO.view(*y.shape[:-1], -1).to(y.dtype)
 
 

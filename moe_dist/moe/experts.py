@@ -23,6 +23,7 @@ from moe_dist.adapters.expert_bank import ExpertLoRABank
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.kernels.expert_loop import ExpertLoopLinear
 from moe_dist.kernels.grouped import add_lora_delta_, grouped_mm
+from moe_dist.models.recompute import recomputing
 from moe_dist.moe.activation import gated_act
 from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from moe_dist.parallel.groups import DeepSpeedExpertLayer, ExpertGroups, mark_expert_param, zero_anchor
@@ -216,7 +217,9 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.training:  # training and routing profiling (train mode under no_grad), not generation
+        # training and routing profiling (train mode under no_grad), not generation, and once
+        # per token: not again when activation checkpointing recomputes the layer
+        if self.training and not recomputing():
             self.count_routing(top_k_index, top_k_weights)
         x_MD, meta = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights)
         y_MD = self.compute(x_MD, meta.tokens_per_expert)
