@@ -14,7 +14,8 @@ budget). Memory per rank: frozen weights in bf16 (GPU) or fp32, adapters + their
 fp32 master and Adam moments partitioned by ZeRO over each tensor's data-parallel group
 (world for dense adapters, world/EP for expert adapters), and a rough activation estimate
 (per layer ~34 x tokens x hidden bytes in bf16 without recomputation, plus the routed expert
-activations). Activation figures are estimates; parameter counts are exact.
+activations; with `train.activation_checkpointing`, each layer's input plus one layer's full
+activations while it is recomputed). Activation figures are estimates; parameter counts are exact.
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, 
     tokens = cfg.train.micro_batch * cfg.data.seq_len
     layers = hf_config.num_hidden_layers
     moe_layers = len(moe_layer_indices(hf_config)) if is_moe(hf_config) else 0
-    activations = layers * 34 * tokens * D + moe_layers * tokens * top_k * (3 * F + D) * 2
+    # in bf16 bytes (scaled to the weights' dtype below): one layer's activations, dense + routed
+    layer_dense, layer_moe = 34 * tokens * D, (tokens * top_k * (3 * F + D) * 2 if moe_layers else 0)
+    kept = layers * layer_dense + moe_layers * layer_moe
+    recomputed = layers * 2 * tokens * D + layer_dense + layer_moe  # layer inputs + one layer live again
+    act_scale = (2 if bf16 else 4) / 2 / GiB
     weights = (total - expert + expert / ep) * wbytes
     return {
         "model_type": hf_config.model_type, "total_params": total, "expert_params": expert,
@@ -80,7 +85,9 @@ def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, 
             "adapters_gib": per_rank_adapters * wbytes / GiB,
             "gradients_gib": grads / GiB,
             "optimizer_gib": optimizer / GiB,
-            "activations_gib_estimate": activations * (2 if bf16 else 4) / 2 / GiB,
+            "activations_gib_estimate": (recomputed if cfg.train.activation_checkpointing else kept) * act_scale,
+            "activations_gib_without_checkpointing": kept * act_scale,
+            "activations_gib_with_checkpointing": recomputed * act_scale,
         },
         "trainable_params_total": int(dense_adapters + expert_adapters),
     }
@@ -106,8 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{out['trainable_params_total']:,} trainable")
     print(f"per rank: {r['frozen_weight_params'] / 1e9:.2f}B frozen params = {r['weights_gib']:.1f} GiB, adapters "
           f"{r['adapters_gib']:.2f} GiB, grads {r['gradients_gib']:.2f} GiB, optimizer {r['optimizer_gib']:.2f} GiB, "
-          f"activations ~{r['activations_gib_estimate']:.1f} GiB; total ~"
-          f"{sum(v for k, v in r.items() if k.endswith('gib') or k.endswith('estimate')):.1f} GiB")
+          f"activations ~{r['activations_gib_estimate']:.1f} GiB (activation checkpointing "
+          f"{'on' if cfg.train.activation_checkpointing else 'off'}; "
+          f"{r['activations_gib_without_checkpointing']:.1f} off, {r['activations_gib_with_checkpointing']:.1f} on); "
+          f"total ~{sum(v for k, v in r.items() if k.endswith('gib') or k.endswith('estimate')):.1f} GiB")
     return out
 
 

@@ -69,3 +69,8 @@ def test_every_real_model_recipe_plans_offline(recipe, monkeypatch):
     world = data.get("ep_size") or 8
     out = _planner().main(["--recipe", str(ROOT / "launch/recipes" / recipe), "--world", str(world)])
     assert out["total_params"] > 1e9 and out["trainable_params_total"] > 0
+    # real sequence lengths: every real-model recipe recomputes its layers, and is planned so
+    assert data["train"].get("activation_checkpointing") is True, f"{recipe}: train.activation_checkpointing"
+    r = out["per_rank"]
+    assert r["activations_gib_estimate"] == r["activations_gib_with_checkpointing"]
+    assert r["activations_gib_with_checkpointing"] < r["activations_gib_without_checkpointing"] / 4

@@ -31,7 +31,7 @@ from moe_dist.parallel.agreement import agree_on_plan
 from moe_dist.parallel.groups import writes_canonical_copy
 from moe_dist.parallel.move import MoveReport, current_placements
 from moe_dist.parallel.placement import ExpertPlacement
-from moe_dist.parallel.reduce import global_sum
+from moe_dist.parallel.reduce import global_max, global_sum
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import RoutingStats, collect_routing_stats, experts_modules
 from moe_dist.train import checkpoint as ckpt
@@ -39,6 +39,7 @@ from moe_dist.train import zero_state
 from moe_dist.train.engine import build_engine
 from moe_dist.train.evaluate import exact_match
 from moe_dist.train.guard import Guard, arm_overflow_check, inject_nan
+from moe_dist.train.memory import StepMemory
 from moe_dist.train.metrics import MetricsLogger
 from moe_dist.train.rebalance import Rebalancer, expert_imbalance
 from moe_dist.train.report import format_summary
@@ -302,6 +303,8 @@ class Trainer:
         t_log, steps_since_log = time.perf_counter(), 0
         t_run = t_log
         collect_routing_stats(self.model)  # reset counters touched by evaluation
+        self.memory = StepMemory(self.device)
+        self.memory.start()
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             loss = self.train_step()
@@ -361,6 +364,7 @@ class Trainer:
         flops = self.adapter_flops_per_token(r.load_share_LE(), r.layers) if r is not None else None
         last = times[-max(1, len(times) // 4):]
         finite = [x for x in losses if math.isfinite(x)]  # skipped steps are counted, not averaged
+        peak = global_max(self.memory.peak_gib() or -1.0, self.device)  # the steps' own memory, max over ranks
         run_losses = global_sum(sum(finite[-5:]) / max(1, len(finite[-5:])), self.device) / self.world
         return {
             "method": cfg.method, "model": cfg.model, "world_size": self.world, "ep_size": self.ep_size,
@@ -372,6 +376,8 @@ class Trainer:
             "tokens_per_step": tokens_per_step, "step_ends_s": self.step_ends,  # everything in the loop
             "first_loss": finite[0] if finite else None, "final_loss": run_losses if finite else None,
             "skipped_steps": self.guard.nonfinite_total,
+            "activation_checkpointing": cfg.train.activation_checkpointing,
+            "step_peak_memory_gib": peak if peak >= 0 else None,
             "accuracy_before": before["accuracy"] if before else None,
             "accuracy_after": after["accuracy"] if after else None,
             "eval_samples": after["samples"] if after else [],
