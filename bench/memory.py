@@ -4,11 +4,11 @@ entry point (`launch/train.py`, a world of one, fp32 on CPU; `--world 2` runs it
 deepspeed launcher at EP 2), beside launch/plan.py's estimate for the same config.
 
 The measured figure is the trainer's `step_peak_memory_gib` (moe_dist/train/memory.py): the
-steps' peak above the memory held before the first step, i.e. activations and what else
+steps' peak above the memory held after the first step, i.e. activations and what else
 exists only inside a step (gradients in flight, logits, the optimizer's temporaries). The
 planner estimates activations only, so it is expected to be below the measured peak.
 
-    python bench/memory.py [--seq-len 1024 --micro-batch 4 --steps 4 --world 1]
+    python bench/memory.py [--seq-len 1024 --micro-batch 4 --steps 5 --world 1]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--world", type=int, default=1)
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "memory"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory.json"))

@@ -132,6 +132,7 @@ def run(cfg: RunConfig) -> dict:
 
     from moe_dist.parallel.liveness import Heartbeat, bound_collective_waits
     from moe_dist.train.stop import StopRequests
+    from moe_dist.train.engine import use_bf16
     from moe_dist.train.trainer import Trainer
 
     accel = get_accelerator()
@@ -144,7 +145,7 @@ def run(cfg: RunConfig) -> dict:
     stop = StopRequests(rank, cfg.faults.preempt_grace_s).install()
     device = torch.device(accel.device_name(), accel.current_device()) if on_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, device, bf16=on_gpu and accel.is_bf16_supported(), stop=stop)
+    trainer = Trainer(cfg, device, bf16=use_bf16(cfg.train.precision, on_gpu, accel.is_bf16_supported()), stop=stop)
     trainer.setup()
     summary = trainer.run()
     trainer.ds.engine.destroy()

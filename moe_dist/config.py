@@ -30,6 +30,9 @@ EXPORT_DTYPES = ("", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 
 @dataclass
 class LoRASection:
+    # Any rank >= 1, here and wherever ranks come from (HELLoRA, EPnG's rank_unit / max_rank):
+    # on GPU the grouped kernel zero-pads each rank to grouped_mm's 16-byte stride (multiple of 8
+    # in bf16, 4 in fp32), so ranks that are multiples of 8 waste nothing (tests/test_precision.py)
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False
@@ -91,10 +94,14 @@ class TrainSection:
     # recompute decoder layers in backward (keeps only each layer's input): activations of
     # long sequences fit; costs about one more forward per step (moe_dist/models/recompute.py)
     activation_checkpointing: bool = False
+    # auto: bf16 (frozen base in bf16, fp32 masters in DeepSpeed's bf16 engine) on a GPU that has
+    # it, fp32 on CPU; bf16 / fp32 force it (bf16 on CPU runs the GPU's code path, e.g. for tests)
+    precision: str = "auto"
 
     def validate(self, path: str) -> None:
         positive(self, path, "steps", "micro_batch", "grad_accum", "log_every")
         non_negative(self, path, "lr", "warmup_steps", "weight_decay", "grad_clip")
+        one_of(self, path, "precision", ("auto", "bf16", "fp32"))
         fraction(self, path, "min_lr_ratio", closed=True)
         if self.warmup_steps > self.steps:
             raise ConfigError(f"{path}.warmup_steps ({self.warmup_steps}) exceeds {path}.steps ({self.steps})")

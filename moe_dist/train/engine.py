@@ -28,6 +28,14 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def use_bf16(precision: str, on_gpu: bool, bf16_supported: bool) -> bool:
+    """`train.precision`: auto is bf16 on a GPU that has it and fp32 elsewhere (fp32 on CPU
+    is what the CPU path was tuned for); bf16 where it is not supported is an error."""
+    if precision == "bf16" and not bf16_supported:
+        raise ConfigError("train.precision: bf16 is not supported by this accelerator; use auto or fp32")
+    return precision == "bf16" or (precision == "auto" and on_gpu and bf16_supported)
+
+
 def deepspeed_config(cfg: RunConfig, bf16: bool) -> dict:
     try:
         ds = json.loads(Path(cfg.ds_config).read_text())

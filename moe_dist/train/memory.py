@@ -2,8 +2,8 @@
 
 What activation checkpointing (and micro batch, sequence length) changes is the memory that
 exists only inside a step: activations, gradients in flight, the optimizer's temporaries.
-So the figure is the step peak minus the resident memory before the first step (weights,
-adapters, optimizer state, data): on CUDA from the caching allocator's counters
+So the figure is the step peak minus the resident memory after the first step (weights,
+adapters, optimizer state, which the first step creates, data): on CUDA from the caching allocator's counters
 (`max_memory_allocated`), on CPU from Linux's resident-set high-water mark (`VmHWM`, reset
 through /proc/self/clear_refs). None where neither exists.
 """
@@ -27,8 +27,8 @@ def _status_kib(field: str) -> int | None:
 
 
 class StepMemory:
-    """`start()` before the first step, `peak_gib()` after the last: the steps' peak above
-    the start, in GiB (and the process's whole peak in `total_gib`)."""
+    """`start()` after the first step, `peak_gib()` after the last: the later steps' peak
+    above the start, in GiB (and the process's whole peak in `total_gib`)."""
 
     def __init__(self, device: torch.device):
         self.device = device

@@ -14,7 +14,7 @@ def format_summary(s: dict) -> str:
         f"  trainable       {s['trainable_params']:,} params, "
         f"{(s['adapter_flops_per_token'] or 0) / 1e6:.3f} MFLOP/token in adapters",
         f"  throughput      {s['tokens_per_sec'] or 0:.0f} tokens/s",
-        f"  step memory     {s['step_peak_memory_gib']:.2f} GiB peak above the start (max over ranks; activation "
+        f"  step memory     {s['step_peak_memory_gib']:.2f} GiB peak over what step 1 left (max over ranks; activation "
         f"checkpointing {'on' if s.get('activation_checkpointing') else 'off'})"
         if s.get("step_peak_memory_gib") is not None else "",
         f"  expert balance  max/mean per-rank cost {s['expert_imbalance']:.3f} over EP {s['ep_size']}"

@@ -303,14 +303,15 @@ class Trainer:
         t_log, steps_since_log = time.perf_counter(), 0
         t_run = t_log
         collect_routing_stats(self.model)  # reset counters touched by evaluation
-        self.memory = StepMemory(self.device)
-        self.memory.start()
+        self.memory = StepMemory(self.device)  # from the end of the first step: lazy optimizer state is not a step's
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             loss = self.train_step()
             self.step += 1
             times.append(time.perf_counter() - t0)
             losses.append(loss)
+            if len(losses) == 1:
+                self.memory.start()
             steps_since_log += 1
             logger.advance()
             self.after_step(loss)
@@ -364,7 +365,8 @@ class Trainer:
         flops = self.adapter_flops_per_token(r.load_share_LE(), r.layers) if r is not None else None
         last = times[-max(1, len(times) // 4):]
         finite = [x for x in losses if math.isfinite(x)]  # skipped steps are counted, not averaged
-        peak = global_max(self.memory.peak_gib() or -1.0, self.device)  # the steps' own memory, max over ranks
+        own = self.memory.peak_gib()  # the steps' own memory (None: one step, or nothing to read), max over ranks
+        peak = global_max(-1.0 if own is None else own, self.device)
         run_losses = global_sum(sum(finite[-5:]) / max(1, len(finite[-5:])), self.device) / self.world
         return {
             "method": cfg.method, "model": cfg.model, "world_size": self.world, "ep_size": self.ep_size,
