@@ -92,7 +92,7 @@ class TrainSection:
     grad_clip: float = 1.0  # 0 = off
     log_every: int = 5
     # recompute decoder layers in backward (keeps only each layer's input): activations of
-    # long sequences fit; costs about one more forward per step (moe_dist/models/recompute.py)
+    # long sequences fit; costs about one more forward per step (moe_dist/recompute.py)
     activation_checkpointing: bool = False
     # auto: bf16 (frozen base in bf16, fp32 masters in DeepSpeed's bf16 engine) on a GPU that has
     # it, fp32 on CPU; bf16 / fp32 force it (bf16 on CPU runs the GPU's code path, e.g. for tests)

@@ -1,4 +1,4 @@
-"""Activation checkpointing (moe_dist/models/recompute.py) changes memory, not numbers: with
+"""Activation checkpointing (moe_dist/recompute.py) changes memory, not numbers: with
 every decoder layer recomputed in backward, under expert parallelism (the recompute repeats
 the all-to-alls) and data parallelism, a DeepSpeed ZeRO-2 engine trains to the same per-step
 losses, the adapters get the same gradients, and the routing counters count each token once."""
@@ -16,7 +16,7 @@ from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.adapters.lora_moe import lora_moe_modules
 from moe_dist.models.arch import moe_layer_indices
 from moe_dist.models.convert import adapter_params, apply_lora_moe, convert_model
-from moe_dist.models.recompute import checkpointed_layers, enable_activation_checkpointing, recomputing
+from moe_dist.recompute import checkpointed_layers, enable_activation_checkpointing, recomputing
 from moe_dist.optim import adamw
 from moe_dist.plan import AdapterPlan
 

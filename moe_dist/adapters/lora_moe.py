@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from moe_dist.adapters.lora import LoRAConfig, init_lora_A
-from moe_dist.models.recompute import recomputing
+from moe_dist.recompute import recomputing
 
 
 def lora_moe_key(layer: int, path: str, expert: int, part: str) -> str:

@@ -23,7 +23,7 @@ from moe_dist.adapters.expert_bank import ExpertLoRABank
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.kernels.expert_loop import ExpertLoopLinear
 from moe_dist.kernels.grouped import add_lora_delta_, grouped_mm
-from moe_dist.models.recompute import recomputing
+from moe_dist.recompute import recomputing
 from moe_dist.moe.activation import gated_act
 from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher
 from moe_dist.parallel.groups import DeepSpeedExpertLayer, ExpertGroups, mark_expert_param, zero_anchor

@@ -18,7 +18,7 @@ from moe_dist.data.dataset import DataError, RowEncoder, encode_dataset, load_ro
 from moe_dist.models.arch import is_moe
 from moe_dist.models.convert import convert_dense_model
 from moe_dist.models.loading import load_model, resolve_checkpoint
-from moe_dist.models.recompute import enable_activation_checkpointing
+from moe_dist.recompute import enable_activation_checkpointing
 from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import RoutingStats, collect_routing_stats, experts_modules
