@@ -56,6 +56,24 @@ def single_process_env_if_unlaunched() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def mpi_port() -> int:
+    """The rendezvous port under mpirun: MASTER_PORT if set (`mpirun -x MASTER_PORT=...`,
+    a `.deepspeed_env` line under `deepspeed --launcher openmpi`), else DeepSpeed's 29500.
+
+    Under mpirun no RANK is set, so deepspeed.init_distributed runs its MPI discovery
+    (mpi4py: rank, world, local rank, MASTER_ADDR = rank 0's first `hostname -I` address), which
+    overwrites MASTER_PORT with its `distributed_port` argument: without passing it through,
+    every mpirun job on a host would meet on 29500 and two at once would collide. Under the
+    deepspeed launcher and torchrun the environment is complete and the argument is unused."""
+    return int(os.environ.get("MASTER_PORT", "29500"))
+
+
+def rank_from_env() -> str:
+    """This process's rank for its failure lines, before the process group exists: under
+    mpirun RANK appears only after DeepSpeed's MPI discovery, so read the MPI's own variable."""
+    return next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), "?")
+
+
 def world_size_from_env() -> int:
     for key in LAUNCHED_BY:
         if key in os.environ:
@@ -138,7 +156,7 @@ def run(cfg: RunConfig) -> dict:
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False,
-                               timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+                               timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), distributed_port=mpi_port())
     bound_collective_waits(cfg.dist_timeout_s)  # the expert groups too, created later
     rank = torch.distributed.get_rank()
     Heartbeat(heartbeat_dir(cfg), rank, cfg.faults.heartbeat_s)
@@ -171,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     from moe_dist.train.guard import DivergenceError
     from moe_dist.train.stop import Preempted
 
-    rank = os.environ.get("RANK", "?")
+    rank = rank_from_env()
     try:
         return run(cfg)
     except Preempted as exc:
