@@ -11,6 +11,12 @@ Variants are interleaved round-robin so machine noise hits them alike; the figur
 variant's median tok/s over the baseline's median in the same run.
 
     python bench/moe_layer.py [--rounds 11] [--out bench/results/moe_layer.json]
+
+Options for other precisions and devices (bench/gpu_check.sh runs `--dtype bf16 --device
+cuda`): `--dtype bf16` puts both systems' frozen base in bf16 (adapters and AdamW stay fp32,
+as each trains in bf16: PEFT keeps its adapters fp32, moe_dist's engine keeps fp32 masters);
+`--device cuda` moves both there and synchronises before each clock read; `--variants`,
+`--batch`, `--seq` shrink a run (a smoke test). The defaults are the CPU fp32 figures above.
 """
 
 from __future__ import annotations
@@ -56,50 +62,93 @@ def build_moe_dist(experts_per_layer: int | None, targets: tuple[str, ...] = PEF
     return model, opt
 
 
+BASELINE = "baseline_peft_grouped_mm"
+VARIANTS = {  # name -> builder; the baseline is always built (every figure is relative to it)
+    BASELINE: lambda: build_baseline(seed=0),
+    "moe_dist_all_experts": lambda: build_moe_dist(None),
+    "moe_dist_hot10": lambda: build_moe_dist(10),
+    "moe_dist_all_experts_split_gate_up": lambda: build_moe_dist(None, SPLIT_TARGETS),
+    "moe_dist_attention_only": lambda: build_moe_dist(0),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def place(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """On `device`, the frozen parameters in `dtype`, trainable ones (adapters) left fp32:
+    the same treatment for both systems. In place: the optimizer built with the model keeps
+    the same parameter objects (its state is created at the first step)."""
+    model.to(device)
+    if dtype != torch.float32:
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="frozen base weights' dtype")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (the baseline always runs)")
+    ap.add_argument("--batch", type=int, default=BENCH_SHAPE["batch"])
+    ap.add_argument("--seq", type=int, default=BENCH_SHAPE["seq"])
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    ids = random_batch()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+    ids = random_batch()[: args.batch, : args.seq].to(device)
     tokens = ids.numel()
-    variants = {
-        "baseline_peft_grouped_mm": build_baseline(seed=0),
-        "moe_dist_all_experts": build_moe_dist(None),
-        "moe_dist_hot10": build_moe_dist(10),
-        "moe_dist_all_experts_split_gate_up": build_moe_dist(None, SPLIT_TARGETS),
-        "moe_dist_attention_only": build_moe_dist(0),
-    }
+    names = [n for n in VARIANTS if n == BASELINE or n in args.variants.split(",")]
+    variants = {}
+    for name in names:
+        model, opt = VARIANTS[name]()
+        variants[name] = (place(model, device, dtype), opt)
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the queued kernels are part of the step
+        return time.perf_counter()
+
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in variants.items()}
     for m, o in variants.values():  # warm-up
         train_step(m, o, ids)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
         for name, (m, o) in variants.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 train_step(m, o, ids)
-            times[name].append((time.perf_counter() - t0) / args.steps)
+            times[name].append((clock() - t0) / args.steps)
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
-    base = tps["baseline_peft_grouped_mm"]
+    base = tps[BASELINE]
     # Per-round ratios (baseline and variant measured back to back): their spread shows how
     # much of a figure is machine noise.
-    per_round = {k: [b / t for b, t in zip(times["baseline_peft_grouped_mm"], v)] for k, v in times.items()}
+    per_round = {k: [b / t for b, t in zip(times[BASELINE], v)] for k, v in times.items()}
+    shape = BENCH_SHAPE if (args.batch, args.seq) == (BENCH_SHAPE["batch"], BENCH_SHAPE["seq"]) else \
+        dict(BENCH_SHAPE, batch=ids.shape[0], seq=ids.shape[1])
     result = {
-        "shape": BENCH_SHAPE,
-        "device": "cpu",
+        "shape": shape,
+        "device": args.device,
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
         "tokens_per_sec": tps,
         "speedup_per_round_min_max": {k: [min(r), max(r)] for k, r in per_round.items()},
         "trainable_params": trainable,
-        "speedup_all_experts": tps["moe_dist_all_experts"] / base,
-        "speedup_hot10": tps["moe_dist_hot10"] / base,
-        "speedup_all_experts_split_gate_up": tps["moe_dist_all_experts_split_gate_up"] / base,
-        "speedup_attention_only": tps["moe_dist_attention_only"] / base,
     }
+    for key, name in (("speedup_all_experts", "moe_dist_all_experts"), ("speedup_hot10", "moe_dist_hot10"),
+                      ("speedup_all_experts_split_gate_up", "moe_dist_all_experts_split_gate_up"),
+                      ("speedup_attention_only", "moe_dist_attention_only")):
+        if name in tps:
+            result[key] = tps[name] / base
+    if (args.dtype, args.device) != ("fp32", "cpu"):  # (the default run's file keeps its old fields)
+        result.update(dtype=args.dtype, steps_per_round=args.steps, torch=torch.__version__,
+                      device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     print(f"{'variant':<36}{'tok/s':>8}{'x baseline':>12}{'rounds min-max':>16}{'trainable':>12}")
     for k in variants:
         lo, hi = min(per_round[k]), max(per_round[k])
