@@ -45,6 +45,15 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def _tensorboard_images(logdir: Path) -> dict[str, list[tuple[int, int, int]]]:
+    """{tag: [(step, width, height)]} of the images in a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.width, e.height) for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+
+
 def _ok(proc) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
@@ -204,6 +213,11 @@ def test_epng_with_repartition_resumes_on_same_and_other_ep_size(tmp_path, cache
     assert saved == moves[-1]["placements"]
     assert any(owner != sorted(owner) for owner in saved.values())  # not the contiguous map
     losses_a = _losses(a)
+    images = _tensorboard_images(a / "tensorboard")
+    # labelled figures (axes, colour bar: hundreds of pixels, not a 16 x 4 raw heatmap)
+    assert set(images) >= {"routing/expert_load", "routing/router_mass", "plan/adapter_rank"}, sorted(images)
+    assert all(w >= 300 and h >= 200 for _, w, h in images["routing/expert_load"])
+    assert [s for s, _, _ in images["plan/adapter_rank"]] == [0, 3]  # the start, then EPnG's prune/grow
 
     b = tmp_path / "b"
     _ok(_launch(_args(b, cache_dir, *epng, f"checkpoint.resume={a / 'checkpoints' / 'step-6'}"), port=29538))

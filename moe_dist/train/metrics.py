@@ -11,19 +11,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-
-def heatmap_rgb(share_LE: torch.Tensor) -> torch.Tensor:
-    """(3, L*cell, E*cell) uint8 image of per-layer expert load, each row scaled to its max.
-
-    A small dark-blue -> yellow ramp; no plotting library needed."""
-    x = share_LE / share_LE.amax(-1, keepdim=True).clamp(min=1e-12)
-    r, g, b = x, x.sqrt(), 0.5 * (1 - x)
-    img = (torch.stack([r, g, b]) * 255).round().to(torch.uint8)
-    cell = max(1, min(16, 512 // max(share_LE.shape[1], 1)))
-    return img.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
-
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, enabled: bool, total_steps: int, start_step: int = 0):
@@ -71,10 +58,30 @@ class MetricsLogger:
             self.jsonl.flush()
             self.print(f"step {step}: exact match {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
 
-    def heatmap(self, tag: str, step: int, share_LE: torch.Tensor) -> None:
-        """Per-layer (rows) per-expert (columns) shares as an image."""
-        if self.enabled and share_LE.numel():
-            self.writer.add_image(tag, heatmap_rgb(share_LE), step, dataformats="CHW")
+    def figure(self, tag: str, step: int, draw) -> None:
+        """A matplotlib figure from `draw()` (called only on the writing rank) as a TensorBoard image."""
+        if self.enabled:
+            self.writer.add_figure(tag, draw(), step, close=True)
+
+    def routing(self, step: int, stats) -> None:
+        """Per layer x expert: the share of routed tokens and of router mass (RoutingStats)."""
+        if self.enabled and stats.layers:
+            from moe_dist.train.figures import routing_figure
+
+            self.figure("routing/expert_load", step, lambda: routing_figure(stats.load_share_LE(), stats.layers))
+            self.figure("routing/router_mass", step,
+                        lambda: routing_figure(stats.mass_share_LE(), stats.layers, "router mass"))
+
+    def plan(self, step: int, plan, layers: list[int], num_experts: int) -> None:
+        """The plan's adapter rank per (layer, expert) and DMEP's surviving LoRA experts, as they change."""
+        if not self.enabled:
+            return
+        from moe_dist.train.figures import lora_moe_figure, plan_figure
+
+        if plan.expert_ranks and layers:
+            self.figure("plan/adapter_rank", step, lambda: plan_figure(plan, layers, num_experts, step))
+        if plan.lora_moe:
+            self.figure("plan/lora_moe_experts", step, lambda: lora_moe_figure(plan, step))
 
     def event(self, step: int, text: str) -> None:
         """A structure change (adapters pruned, grown, moved): TensorBoard text + a jsonl line."""

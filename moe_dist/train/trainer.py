@@ -235,11 +235,16 @@ class Trainer:
         self.plan = self.model.moe_dist_info.plan
         if plan_changed:
             self.trainable_total = self.count_trainable()
+            self.log_plan()
         if report.move is not None:
             report.move.imbalance_before, report.move.imbalance_after = imbalance or (1.0, 1.0)
             self.record_move(why, report.move, current_placements(experts_modules(self.model)))
         if change.summary:
             self.event(f"{change.summary}; {report.line()}")
+
+    def log_plan(self) -> None:
+        mods = experts_modules(self.model)
+        self.logger.plan(self.step, self.plan, sorted(mods), max((m.num_experts for m in mods.values()), default=0))
 
     def record_move(self, why: str, report: MoveReport, placements: dict[int, ExpertPlacement]) -> None:
         self.logger.record(self.step, "repartition", {
@@ -303,6 +308,7 @@ class Trainer:
         t_log, steps_since_log = time.perf_counter(), 0
         t_run = t_log
         collect_routing_stats(self.model)  # reset counters touched by evaluation
+        self.log_plan()
         self.memory = StepMemory(self.device)  # from the end of the first step: lazy optimizer state is not a step's
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
@@ -324,8 +330,7 @@ class Trainer:
                                         "grad_norm": float(self.ds.engine.get_global_grad_norm() or 0.0),
                                         "tokens_per_sec": tokens_per_step * steps_since_log / elapsed,
                                         "trainable_params": self.trainable_total})
-                logger.heatmap("routing/expert_load", self.step, stats.load_share_LE())
-                logger.heatmap("routing/router_mass", self.step, stats.mass_share_LE())
+                logger.routing(self.step, stats)
                 t_log, steps_since_log = time.perf_counter(), 0
             self.decide()  # (part of the step: a resume starts after it)
             if self.stop_now:  # every rank, this step: checkpoint and go, no evaluation
