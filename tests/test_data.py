@@ -151,3 +151,36 @@ def test_recipes_are_valid(recipe):
     cfg = load_config(str(ROOT / "launch" / "recipes" / recipe), [])
     cfg.ds_config = str(ROOT / cfg.ds_config)
     cfg.validate(world_size=cfg.ep_size or 2, num_experts=64 if cfg.ep_size else None)
+
+
+def test_hard_arithmetic_variant(tmp_path):
+    """embedded:arithmetic-hard: deterministic, train/test disjoint by number chain, 4-5 steps
+    with a distractor of the other pronoun, only words the base task and the corpus use; the
+    base variant's rows are unchanged by its existence."""
+    import re
+
+    from moe_dist.data import arithmetic as a
+    from moe_dist.models.embedded import embedded_task_files
+
+    train, test = a.make_examples(300, 0, "train", "hard"), a.make_examples(100, 0, "test", "hard")
+    assert train == a.make_examples(300, 0, "train", "hard") and train != a.make_examples(300, 1, "train", "hard")
+    chain = lambda ex: re.findall(r"-?\d+", ex["response"])[:-1]  # noqa: E731  the numbers of the equations
+    assert not {tuple(chain(e)) for e in train} & {tuple(chain(e)) for e in test}
+    pronouns = {n: p for n, p in a.NAMES}
+    for ex in train + test:
+        assert ex["response"].count(" = ") in (4, 5), ex
+        names = re.findall(r"\b([A-Z][a-z]+) has \d+", ex["prompt"])
+        assert len(names) == 2 and pronouns[names[0]] != pronouns[names[1]], ex["prompt"]
+        asked = re.search(r"How many (\w+) does (\w+) have now", ex["prompt"]).groups()
+        assert asked[1] == names[0] and ex["prompt"].count(f" {asked[0]}") == 2  # the distractor's object differs
+    words = lambda rows: {w for r in rows for w in re.findall(r"[A-Za-z]+|\d+", r)}  # noqa: E731
+    known = words(a.pretraining_corpus(3000, seed=0)) | words(a.task_vocabulary())
+    assert words(e["prompt"] + e["response"] for e in train + test) <= known
+    base = a.make_examples(50, 0, "train")
+    assert all(e["response"].count(" = ") in (2, 3) for e in base)
+
+    model_dir = tmp_path / "m"  # files of another variant are written beside the shipped ones
+    a.write_task(model_dir / "task", 20, 10, 0)
+    files = embedded_task_files(model_dir, "hard")
+    assert files["train"].parent == model_dir / "task" / "hard" and len(a.read_task(files["test"])) == 500
+    assert a.read_task(files["train"])[:5] == a.make_examples(5, 0, "train", "hard")

@@ -20,12 +20,20 @@ random initial vector and could not be learned.
 Everything is deterministic in `seed`. Train and test are disjoint by construction: a
 problem's split is a hash of its arithmetic skeleton (start value and signed steps), so the
 test set holds number chains never seen in training under any name or object.
+
+Two variants (`VARIANTS`): "base" (2-3 steps; plain LoRA reaches ~95-100% exact match: the
+quick default) and "hard" (4-5 steps, and one distractor sentence about someone else's things
+placed among the events; that person has the other pronoun, so every "She"/"He" still points at
+one person), on which methods can end measurably better or worse than LoRA. The hard variant
+uses only words, numbers and sentence forms the base variant and the corpus use, so the same
+embedded base model serves both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +45,8 @@ MAX_VALUE = 20  # every number in a problem, running totals included, lies in 0.
 START_RANGE = (2, 12)
 AMOUNT_RANGE = (1, 6)
 STEP_COUNTS = (2, 3)
+# variant -> (step counts, with a distractor sentence)
+VARIANTS: dict[str, tuple[tuple[int, ...], bool]] = {"base": (STEP_COUNTS, False), "hard": ((4, 5), True)}
 
 # Ends every prompt: the response follows directly. A newline is its own pre-token whatever
 # follows, so the prompt and response tokenize the same apart as joined.
@@ -61,11 +71,22 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Distractor:
+    """'{name} has {count} {obj}.' about someone else, said before event `position`."""
+
+    name: int
+    obj: int
+    count: int
+    position: int
+
+
+@dataclass(frozen=True)
 class Problem:
     name: int
     obj: int
     start: int
     steps: tuple[Step, ...]
+    distractor: Distractor | None = None
 
     def skeleton(self) -> str:
         """The arithmetic alone: what decides the split, so no number chain is in both."""
@@ -87,7 +108,10 @@ def render_prompt(p: Problem) -> str:
     name, pron = NAMES[p.name]
     obj = OBJECTS[p.obj]
     parts = [f"{name} has {p.start} {obj}."]
-    for s in p.steps:
+    d = p.distractor
+    for i, s in enumerate(p.steps):
+        if d is not None and d.position == i:
+            parts.append(f"{NAMES[d.name][0]} has {d.count} {OBJECTS[d.obj]}.")
         more = " more" if s.amount > 0 else ""
         parts.append(f"{pron} {_verb(s, past=False)} {abs(s.amount)}{more}.")
     parts.append(f"How many {obj} does {name} have now?")
@@ -103,18 +127,25 @@ def render_response(p: Problem) -> str:
     return " ".join(eqs) + f" Answer: {value}"
 
 
-def _sample_problem(rng: random.Random) -> Problem | None:
+def _sample_problem(rng: random.Random, variant: str = "base") -> Problem | None:
     """A random problem, or None when a running total leaves 0..MAX_VALUE (the caller redraws)."""
+    step_counts, with_distractor = VARIANTS[variant]
     start = rng.randint(*START_RANGE)
     value, steps = start, []
-    for _ in range(rng.choice(STEP_COUNTS)):
+    for _ in range(rng.choice(step_counts)):
         amount = rng.randint(*AMOUNT_RANGE) * rng.choice((1, -1))
         value += amount
         if not 0 <= value <= MAX_VALUE:
             return None
         table = GAIN_VERBS if amount > 0 else LOSS_VERBS
         steps.append(Step(amount, rng.randrange(len(table))))
-    return Problem(rng.randrange(len(NAMES)), rng.randrange(len(OBJECTS)), start, tuple(steps))
+    name, obj = rng.randrange(len(NAMES)), rng.randrange(len(OBJECTS))
+    distractor = None
+    if with_distractor:  # the other pronoun, another object: unambiguous, and its number is a trap
+        others = [i for i, (_, pron) in enumerate(NAMES) if pron != NAMES[name][1]]
+        distractor = Distractor(rng.choice(others), rng.choice([o for o in range(len(OBJECTS)) if o != obj]),
+                                rng.randint(*START_RANGE), rng.randrange(len(steps)))
+    return Problem(name, obj, start, tuple(steps), distractor)
 
 
 def split_of(p: Problem) -> str:
@@ -129,14 +160,16 @@ def _derived_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(f"arithmetic:{seed}:{purpose}".encode()).digest()[:8], "little")
 
 
-def make_examples(n: int, seed: int, split: str) -> list[dict]:
+def make_examples(n: int, seed: int, split: str, variant: str = "base") -> list[dict]:
     """`n` distinct problems of `split` as {"prompt", "response"} dicts, deterministic in `seed`.
 
     Problems are drawn and kept only if their skeleton hashes into `split`, so train and test
     never share a number chain whatever seeds and sizes are used."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = random.Random(_derived_seed(seed, split))
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+    rng = random.Random(_derived_seed(seed, split if variant == "base" else f"{variant}:{split}"))
     seen: set[str] = set()
     out: list[dict] = []
     attempts = 0
@@ -144,7 +177,7 @@ def make_examples(n: int, seed: int, split: str) -> list[dict]:
         attempts += 1
         if attempts > 1000 * (n + 10):
             raise ValueError(f"cannot draw {n} distinct {split} problems (only {len(out)} found)")
-        p = _sample_problem(rng)
+        p = _sample_problem(rng, variant)
         if p is None or split_of(p) != split:
             continue
         prompt = render_prompt(p)
@@ -155,16 +188,19 @@ def make_examples(n: int, seed: int, split: str) -> list[dict]:
     return out
 
 
-def write_task(directory: str | Path, n_train: int, n_test: int, seed: int) -> dict[str, Path]:
+def write_task(directory: str | Path, n_train: int, n_test: int, seed: int, variant: str = "base") -> dict[str, Path]:
     """Write `train.jsonl` and `test.jsonl` (one {"prompt", "response"} object a line) and
-    return their paths by split: the files the training and evaluation code read."""
+    return their paths by split: the files the training and evaluation code read. Each file is
+    written whole then renamed, so concurrent writers (ranks) never leave half a file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for split, n in (("train", n_train), ("test", n_test)):
         path = directory / f"{split}.jsonl"
-        lines = (json.dumps(ex, ensure_ascii=False) for ex in make_examples(n, seed, split))
-        path.write_text("".join(line + "\n" for line in lines))
+        lines = (json.dumps(ex, ensure_ascii=False) for ex in make_examples(n, seed, split, variant))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, path)
         paths[split] = path
     return paths
 

@@ -77,13 +77,22 @@ def is_complete(directory: Path) -> bool:
     return (directory / "config.json").is_file() and (directory / "build.json").is_file()
 
 
-def embedded_task_files(model_dir: str | os.PathLike) -> dict[str, Path]:
-    """{"train": ..., "test": ...}: the arithmetic task files shipped with the checkpoint."""
+def embedded_task_files(model_dir: str | os.PathLike, variant: str = "base") -> dict[str, Path]:
+    """{"train": ..., "test": ...}: the arithmetic task files shipped with the checkpoint
+    (`task/`); another variant (`task/<variant>/`) is written beside them on first use, same
+    sizes, from the build's seed (deterministic: every rank writes the same bytes)."""
     task = Path(model_dir) / "task"
-    files = {split: task / f"{split}.jsonl" for split in arithmetic.SPLITS}
-    missing = [str(p) for p in files.values() if not p.is_file()]
+    base = {split: task / f"{split}.jsonl" for split in arithmetic.SPLITS}
+    missing = [str(p) for p in base.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir}: no embedded task files {missing}; is it an embedded model directory?")
+    if variant == "base":
+        return base
+    files = {split: task / variant / f"{split}.jsonl" for split in arithmetic.SPLITS}
+    if not all(p.is_file() for p in files.values()):
+        build = Path(model_dir) / "build.json"
+        seed = json.loads(build.read_text()).get("seed", 0) if build.is_file() else 0
+        arithmetic.write_task(task / variant, TASK_SIZES["train"], TASK_SIZES["test"], seed, variant)
     return files
 
 

@@ -23,7 +23,7 @@ from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import RoutingStats, collect_routing_stats, experts_modules
 
-EMBEDDED_TASK = "embedded:arithmetic"
+EMBEDDED_TASKS = {"embedded:arithmetic": "base", "embedded:arithmetic-hard": "hard"}  # -> arithmetic variant
 
 
 def resolve_model_path(cfg: RunConfig) -> Path:
@@ -63,11 +63,11 @@ def missing_tokenizer(model_dir: Path) -> str | None:
 
 
 def resolve_data_source(source: str, model_dir: Path, cfg: RunConfig, role: str) -> str:
-    if source != EMBEDDED_TASK:
+    if source not in EMBEDDED_TASKS:
         return source
     from moe_dist.models.embedded import embedded_task_files
 
-    return str(embedded_task_files(model_dir)[role])
+    return str(embedded_task_files(model_dir, EMBEDDED_TASKS[source])[role])
 
 
 def load_eval_set(cfg: RunConfig, tokenizer, model_dir: Path, log=print) -> tuple[list, list] | None:
