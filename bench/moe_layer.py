@@ -16,7 +16,8 @@ Options for other precisions and devices (bench/gpu_check.sh runs `--dtype bf16 
 cuda`): `--dtype bf16` puts both systems' frozen base in bf16 (adapters and AdamW stay fp32,
 as each trains in bf16: PEFT keeps its adapters fp32, moe_dist's engine keeps fp32 masters);
 `--device cuda` moves both there and synchronises before each clock read; `--variants`,
-`--batch`, `--seq` shrink a run (a smoke test). The defaults are the CPU fp32 figures above.
+`--batch`, `--seq`, `--warmup` shrink a run (a smoke test). The defaults are the CPU fp32
+figures above.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (the baseline always runs)")
     ap.add_argument("--batch", type=int, default=BENCH_SHAPE["batch"])
     ap.add_argument("--seq", type=int, default=BENCH_SHAPE["seq"])
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -117,7 +119,8 @@ def main() -> None:
 
     trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in variants.items()}
     for m, o in variants.values():  # warm-up
-        train_step(m, o, ids)
+        for _ in range(args.warmup):
+            train_step(m, o, ids)
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.rounds):
         for name, (m, o) in variants.items():
