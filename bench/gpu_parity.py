@@ -10,15 +10,16 @@ as the launcher would set it up:
              on the same device (TF32 off, so fp32 means fp32)
   fp32       the converted model in fp32; logits and every adapter gradient tight
              (the distributed parity test's tolerances)
-  bf16       the converted model cast to bf16 as DeepSpeed's bf16 engine casts it (frozen
-             base and adapters), judged per expert layer: each layer, on the hidden states
-             and routing it got in that forward, against its fp32 twin (the same
-             bf16-rounded weights upcast, loop kernel, which the fp32 case ties to the
-             reference): output, input gradient, adapter gradients within bf16 tolerance.
-             The whole model's logits and gradients against the fp32 reference are
-             recorded, not judged: on these random tiny models a bf16 rounding flips a
-             near-tied top-k choice somewhere and that token's logits move by O(1) (HF's
-             own model without adapters is up to 0.3 off in bf16 on afmoe, gpt_oss, kolibri1).
+  bf16       the converted model cast to bf16 (frozen base and adapters: what a bf16 base
+             under DeepSpeed's bf16 engine computes with), judged per expert layer: each
+             layer, on the hidden states and routing it got in that forward, against its
+             fp32 twin (the same bf16-rounded weights upcast, loop kernel, which the fp32
+             case ties to the reference): output, input gradient and adapter gradients
+             within bf16 tolerance. The whole model's logits and gradients against the fp32
+             reference are recorded, not judged: on these random tiny models a bf16 rounding
+             flips a near-tied top-k choice somewhere and that token's logits move by O(1)
+             (HF's own model without adapters is up to 0.3 off in bf16 on afmoe, gpt_oss,
+             kolibri1).
 
 each with the expert kernel forced to `grouped` (the GPU path: torch._grouped_mm) and to
 `loop`. Errors are normalised by the reference's largest magnitude (logits; each gradient
@@ -223,7 +224,7 @@ def check_arch(arch: str, device: torch.device, dtypes, kernels) -> dict:
             raise AssertionError(f"adapter keys differ from the reference's: {differ}")
         set_b_values(params)
         if DTYPES[dname] != torch.float32:
-            model.to(DTYPES[dname])  # what DeepSpeed's bf16 engine does to the module's parameters
+            model.to(DTYPES[dname])  # the whole module, as tests/test_precision.py casts it
         tol = TOLERANCES[dname]
         out[dname] = {}
         for kernel in kernels:
@@ -262,6 +263,8 @@ def main() -> int:
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device wants an index
+            device = torch.device("cuda", 0)
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 tolerances are fp32's, not TF32's
         torch.backends.cudnn.allow_tf32 = False
     archs = [a for a in args.archs.split(",") if a] or supported_types()

@@ -111,6 +111,8 @@ def main() -> None:
     for name in names:
         model, opt = VARIANTS[name]()
         variants[name] = (place(model, device, dtype), opt)
+        stray = [p.device for g in opt.param_groups for p in g["params"] if p.device.type != device.type]
+        assert not stray, f"{name}: optimizer parameters left on {stray[0]} (the move replaced them)"
 
     def clock() -> float:
         if device.type == "cuda":
