@@ -61,7 +61,7 @@ class LoRASection:
 
 @dataclass
 class DataSection:
-    # hub name, local json/jsonl/parquet file or dir, or embedded:arithmetic (-hard: 4-5 steps + a distractor)
+    # hub name, local json/jsonl/parquet file or dir, or embedded:arithmetic (-hard: 3-5 steps + a distractor)
     train: str = "embedded:arithmetic"
     eval: str = "embedded:arithmetic"  # where the held-out split comes from ("" = no evaluation)
     subset: str = ""  # a hub dataset's configuration name (load_dataset's second argument)

@@ -22,7 +22,7 @@ problem's split is a hash of its arithmetic skeleton (start value and signed ste
 test set holds number chains never seen in training under any name or object.
 
 Two variants (`VARIANTS`): "base" (2-3 steps; plain LoRA reaches ~95-100% exact match: the
-quick default) and "hard" (4-5 steps, and one distractor sentence about someone else's things
+quick default) and "hard" (3-5 steps, and one distractor sentence about someone else's things
 placed among the events; that person has the other pronoun, so every "She"/"He" still points at
 one person), on which methods can end measurably better or worse than LoRA. The hard variant
 uses only words, numbers and sentence forms the base variant and the corpus use, so the same
@@ -46,7 +46,7 @@ START_RANGE = (2, 12)
 AMOUNT_RANGE = (1, 6)
 STEP_COUNTS = (2, 3)
 # variant -> (step counts, with a distractor sentence)
-VARIANTS: dict[str, tuple[tuple[int, ...], bool]] = {"base": (STEP_COUNTS, False), "hard": ((4, 5), True)}
+VARIANTS: dict[str, tuple[tuple[int, ...], bool]] = {"base": (STEP_COUNTS, False), "hard": ((3, 4, 5), True)}
 
 # Ends every prompt: the response follows directly. A newline is its own pre-token whatever
 # follows, so the prompt and response tokenize the same apart as joined.
