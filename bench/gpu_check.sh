@@ -19,9 +19,9 @@
 #     reach a package index, INSTALL=1 runs `$PYTHON -m pip install -e .` first (it keeps a CUDA
 #     torch that meets setup.py's pin). The deepspeed launcher is run as `$PYTHON -m
 #     deepspeed.launcher.runner`, so the `deepspeed` on PATH does not matter.
-#   - The embedded base model is built on first use into .cache/moe_dist (pre-training on the
-#     CPU cores, about half a minute on 16); a copy of .cache/moe_dist/tiny-olmoe-s0-p600 carried
-#     along skips that.
+#   - The embedded base model is built on first use into .cache/moe_dist (600 pre-training
+#     steps on the CPU cores: 112 s on 2 cores, up to 8 threads used); a copy of
+#     .cache/moe_dist/tiny-olmoe-s0-p600 (8 MB) carried along skips that.
 #   - The dry mode hides any GPU (CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu, gloo), checks 2
 #     architectures (olmoe; gpt_oss: biases, its own gate), trains 5 steps (micro-batch 4) of a
 #     20-step pre-trained base (built once into .cache/moe_dist, then reused), and times one step
