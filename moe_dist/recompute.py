@@ -1,7 +1,7 @@
 """Activation checkpointing: decoder layers keep only their inputs and run again in backward.
 
-What a long sequence costs is activations (the planner's `activation_gib`), not weights:
-Mixtral at 4k tokens keeps ~10 GiB per rank. transformers' own mechanism does the wrapping
+What a long sequence costs is activations, not weights: the Mixtral-8x7B recipe (4k tokens,
+EP 8) keeps ~40 GiB per rank without recompute and ~2 GiB with it, by launch/plan.py's estimate. transformers' own mechanism does the wrapping
 (`activation_checkpointing_enable`: every `GradientCheckpointingLayer` runs under
 `torch.utils.checkpoint`, non-reentrant), so what moe_dist adds is only what expert
 parallelism and the routing-aware methods need from a recompute:
