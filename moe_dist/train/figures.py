@@ -3,11 +3,11 @@
 Pure functions from numbers to matplotlib figures (no trainer state), so a notebook or a
 bench can draw the same ones from a checkpoint's routing counters or plan.json:
 - `routing_figure`: per layer (rows, real layer indices) and expert (columns) the share of
-  routed tokens (or router mass), with a colour bar: HELLoRA's hot experts are the bright cells;
+  routed tokens (or router mass), with a colour bar: hot experts are the bright cells;
 - `plan_figure`: the plan's adapter rank per (layer, expert) (summed over the expert's
-  projections, 0 = no adapter: pruned or never chosen), so HELLoRA's hot set, EPnG's prune/grow
-  and their change over steps are visible;
-- `lora_moe_figure`: per module, which of DMEP's LoRA experts survive.
+  projections, 0 = no adapter: pruned or never chosen), so a hot set, pruning and growth and
+  their change over steps are visible;
+- `lora_moe_figure`: per module, which LoRA-MoE experts survive pruning.
 """
 
 from __future__ import annotations

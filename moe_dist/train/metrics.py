@@ -73,7 +73,7 @@ class MetricsLogger:
                         lambda: routing_figure(stats.mass_share_LE(), stats.layers, "router mass"))
 
     def plan(self, step: int, plan, layers: list[int], num_experts: int) -> None:
-        """The plan's adapter rank per (layer, expert) and DMEP's surviving LoRA experts, as they change."""
+        """The plan's adapter rank per (layer, expert) and the surviving LoRA-MoE experts, as they change."""
         if not self.enabled:
             return
         from moe_dist.train.figures import lora_moe_figure, plan_figure
