@@ -27,6 +27,7 @@
 #     20-step pre-trained base (built once into .cache/moe_dist, then reused), and times one step
 #     at batch 1 x 32. It writes to GPU_CHECK_DIR (default bench/out/gpu_check_dry), never to
 #     bench/results/, so CPU figures cannot pass for GPU ones.
+#     GPU_CHECK_CACHE=dir: the embedded base's cache_dir for the dry run (tests share theirs).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,7 +53,7 @@ if [ "$DRY" = 1 ]; then
     DEVICE=cpu
     PARITY_ARGS=(--archs olmoe,gpt_oss)
     TRAIN_ARGS=(train.steps=5 train.warmup_steps=1 train.lr=0.01 train.micro_batch=4 train.log_every=1
-                embedded_pretrain_steps=20)
+                embedded_pretrain_steps=20 ${GPU_CHECK_CACHE:+cache_dir=$GPU_CHECK_CACHE})
     LAYER_ARGS=(--warmup 0 --rounds 1 --steps 1 --variants moe_dist_all_experts --batch 1 --seq 32)
 else
     RESULTS="$ROOT/bench/results"

@@ -15,9 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU_RESULTS = [ROOT / "bench" / "results" / f"gpu_{n}.json" for n in ("parity", "train", "moe_layer")]
 
 
-def test_dry_mode_runs_the_three_steps_on_cpu(tmp_path):
+def test_dry_mode_runs_the_three_steps_on_cpu(tmp_path, cache_dir):
     before = {p: p.stat().st_mtime_ns for p in GPU_RESULTS if p.exists()}
-    env = dict(os.environ, GPU_CHECK_DIR=str(tmp_path), PYTHON=sys.executable)
+    # GPU_CHECK_CACHE: the session's 20-step embedded base, not a second build
+    env = dict(os.environ, GPU_CHECK_DIR=str(tmp_path), PYTHON=sys.executable, GPU_CHECK_CACHE=str(cache_dir))
     env.pop("DRY", None)
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
