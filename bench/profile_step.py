@@ -140,7 +140,8 @@ def main() -> None:
         return
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    shapes = bool(os.environ.get("SHAPES"))  # group the op table by input shapes too
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=shapes) as prof:
         for _ in range(PROFILED):
             phases()
     names = ["data", "forward", "backward", "zero step", "per-step checks"]
@@ -148,7 +149,8 @@ def main() -> None:
     print(f"\n{system} rank {torch.distributed.get_rank()}: threads {torch.get_num_threads()}, mean ms per step "
           f"{sum(mean):.1f}: " + ", ".join(f"{n} {m:.1f}" for n, m in zip(names, mean)), flush=True)
     if torch.distributed.get_rank() == 0:
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("ROWS", "30"))))
+        print(prof.key_averages(group_by_input_shape=shapes).table(sort_by="self_cpu_time_total",
+                                                                   row_limit=int(os.environ.get("ROWS", "30"))))
         if os.environ.get("TRACE"):
             prof.export_chrome_trace(os.environ["TRACE"])
 
