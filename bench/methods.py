@@ -136,8 +136,8 @@ def aggregate(runs: dict[str, list[dict]], second: dict[str, dict] | None) -> li
 
 def table(rows: list[dict]) -> str:
     second = any("second_base" in r for r in rows)
-    head = "| method | exact match (mean ± std) | params % of LoRA | adapter FLOPs % | tok/s vs LoRA |"
-    rule = "|---|---:|---:|---:|---:|"
+    head = "| method | exact match (mean ± std) | params % of LoRA | adapter FLOPs % | tok/s vs LoRA | wall s |"
+    rule = "|---|---:|---:|---:|---:|---:|"
     if second:
         head += " 64-expert base: FLOPs % / tok/s vs LoRA |"
         rule += "---:|"
@@ -146,7 +146,7 @@ def table(rows: list[dict]) -> str:
         acc = "n/a" if r["exact_match_mean"] is None else \
             f"{100 * r['exact_match_mean']:.1f} ± {100 * r['exact_match_std']:.1f}% ({r['seeds']} seeds)"
         line = (f"| {r['method']} | {acc} | {r['params_pct_of_lora']:.1f}% | {r['flops_pct_of_lora']:.1f}% | "
-                f"{r['throughput_vs_lora']:.2f}x |")
+                f"{r['throughput_vs_lora']:.2f}x | {r['wall_s_mean']:.0f} |")
         if second:
             sb = r.get("second_base")
             line += f" {sb['flops_pct_of_lora']:.1f}% / {sb['throughput_vs_lora']:.2f}x |" if sb else " |"
@@ -159,26 +159,39 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Exact match against trainable params and against adapter FLOPs (% of LoRA), error bars = std."""
+    """Exact match against trainable params and against adapter FLOPs (% of LoRA): each seed a
+    small dot, the mean with std error bars; LoRA's mean ± std as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110, sharey=True)
+    lora = next((r for r in rows if r["method"] == "lora" and r["exact_match_mean"] is not None), None)
     for ax, key, label in ((axes[0], "params_pct_of_lora", "trainable parameters (% of LoRA)"),
                            (axes[1], "flops_pct_of_lora", "adapter FLOPs per token (% of LoRA)")):
-        for r in rows:
+        if lora is not None:
+            m, sd = 100 * lora["exact_match_mean"], 100 * lora["exact_match_std"]
+            ax.axhspan(m - sd, m + sd, color="C0", alpha=0.12, label="LoRA mean ± std")
+        for i, r in enumerate(rows):
             if r["exact_match_mean"] is None:
                 continue
+            color = f"C{i}"
+            ax.scatter([r[key]] * len(r["exact_match_per_seed"]), [100 * a for a in r["exact_match_per_seed"]],
+                       s=12, color=color, alpha=0.5)
             ax.errorbar(r[key], 100 * r["exact_match_mean"], yerr=100 * r["exact_match_std"], fmt="o", capsize=4,
-                        label=r["method"])
-            ax.annotate(r["method"], (r[key], 100 * r["exact_match_mean"]), textcoords="offset points", xytext=(6, 4))
-        ax.set_xlabel(label)
+                        color=color)
+            ax.annotate(r["method"], (r[key], 100 * r["exact_match_mean"]), textcoords="offset points", xytext=(7, 4))
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([10, 20, 50, 100, 200, 300]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("exact match (%), mean ± std over seeds")
-    fig.suptitle("methods on the hard embedded task")
+    axes[0].set_ylabel("exact match (%): seeds (dots), mean ± std")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle("methods on the hard embedded task (embedded:arithmetic-hard, 2 CPU ranks, EP 2)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
