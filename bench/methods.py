@@ -213,12 +213,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed on today's (base) task, no second base")
     parser.add_argument("--second-base", action=argparse.BooleanOptionalAction, default=None,
                         help="also time every method on the 64-expert bench shape (default: on unless --quick)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "methods.json"))
+    parser.add_argument("--out", default=None, help="default bench/results/methods.json (--quick: methods_quick.json)")
     parser.add_argument("--workdir", default=str(ROOT / "outputs" / "bench_methods"))
     parser.add_argument("--reuse", action="store_true", help="read back runs an interrupted bench finished")
     args, overrides = parser.parse_known_args()
     if args.quick:
         args.seeds, args.task = "0", "base"
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" / ("methods_quick.json" if args.quick else "methods.json"))
     second_base = (not args.quick) if args.second_base is None else args.second_base
     names = [n.strip() for n in args.methods.split(",")]
     if "lora" not in names:
