@@ -184,3 +184,31 @@ def test_hard_arithmetic_variant(tmp_path):
     files = embedded_task_files(model_dir, "hard")
     assert files["train"].parent == model_dir / "task" / "hard" and len(a.read_task(files["test"])) == 500
     assert a.read_task(files["train"])[:5] == a.make_examples(5, 0, "train", "hard")
+
+
+def test_eval_warns_when_max_new_tokens_cuts_references(cache_dir):
+    """The hard task's 5-step chains are longer than the recipes' eval.max_new_tokens (40):
+    those references could never match, and the run says so, naming the field and the value
+    that fits; with that value it is silent."""
+    from transformers import AutoTokenizer
+
+    from moe_dist.config import load_config
+    from moe_dist.train.setup import load_eval_set, references_longer_than
+
+    model_dir = next(p for p in cache_dir.glob("tiny-olmoe-*") if (p / "build.json").is_file())
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    short = len(tok("1 + 2 = 3. Answer: 3", add_special_tokens=False)["input_ids"])
+    assert references_longer_than(tok, ["1 + 2 = 3. Answer: 3"], short) == (0, short)
+    assert references_longer_than(tok, ["1 + 2 = 3. Answer: 3"], short - 1) == (1, short)
+    overrides = [f"model={model_dir}", "data.eval=embedded:arithmetic-hard", "eval.samples=100"]
+    cfg = load_config(str(ROOT / "launch" / "recipes" / "tiny_lora.yaml"), overrides)
+    lines: list[str] = []
+    prompts, refs = load_eval_set(cfg, tok, model_dir, lines.append)
+    cut, longest = references_longer_than(tok, refs, cfg.eval.max_new_tokens)
+    assert cfg.eval.max_new_tokens == 40 and cut > 0 and longest > 40
+    warning = [ln for ln in lines if ln.startswith("WARNING: eval.max_new_tokens=40")]
+    assert warning and f"set eval.max_new_tokens={longest}" in warning[0]
+    lines.clear()
+    cfg = load_config(str(ROOT / "launch" / "recipes" / "tiny_lora.yaml"), [*overrides, f"eval.max_new_tokens={longest}"])
+    load_eval_set(cfg, tok, model_dir, lines.append)
+    assert not [ln for ln in lines if ln.startswith("WARNING")]

@@ -81,7 +81,20 @@ def load_eval_set(cfg: RunConfig, tokenizer, model_dir: Path, log=print) -> tupl
         rows = rows.select(range(min(cfg.eval.samples, len(rows))))
     evals, report = encode_dataset(rows, encoder, d.seq_len, d.eval, for_generation=True)
     log(report.line())
+    cut, longest = references_longer_than(tokenizer, evals["reference"], cfg.eval.max_new_tokens)
+    if cut:
+        log(f"WARNING: eval.max_new_tokens={cfg.eval.max_new_tokens} is shorter than {cut} of "
+            f"{len(evals['reference'])} references in {d.eval} (longest {longest} tokens): those can never match "
+            f"exactly; set eval.max_new_tokens={longest} or more")
     return evals["prompt_ids"], evals["reference"]
+
+
+def references_longer_than(tokenizer, references: list[str], max_new_tokens: int) -> tuple[int, int]:
+    """(how many references need more than `max_new_tokens` tokens, the longest's length):
+    generation stops there, so they score 0 whatever the model learnt (the hard arithmetic
+    task's 5-step chains need ~60 tokens, the recipes' default is 40)."""
+    lengths = [len(ids) for ids in tokenizer(list(references), add_special_tokens=False)["input_ids"]] or [0]
+    return sum(n > max_new_tokens for n in lengths), max(lengths)
 
 
 def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int, device: torch.device,
