@@ -72,9 +72,10 @@ def run(name: str, nprocs: int, out: Path, overrides: list[str], port: int, reus
     """One method's run through the real entry point -> its summary.json (+ wall_s). With
     `reuse`, a finished run in `out` (from an earlier, interrupted bench) is read back."""
     recipe, extra = RUNS[name]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-           str(ROOT / "launch" / "train.py"), "--recipe", str(ROOT / "launch" / "recipes" / recipe),
-           f"output_dir={out}", "checkpoint.every=0", "export.formats=[]", *extra, *overrides]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs)]
+    train = [str(ROOT / "launch" / "train.py"), "--recipe", str(ROOT / "launch" / "recipes" / recipe),
+             f"output_dir={out}", "checkpoint.every=0", "export.formats=[]", *extra, *overrides]
+    cmd = launcher + train  # what a reused run must match (the port is free to differ)
     done = out / "bench_run.json"
     if reuse and done.exists() and json.loads(done.read_text()).get("bench_cmd") == cmd[1:]:
         summary = json.loads(done.read_text())
@@ -82,7 +83,7 @@ def run(name: str, nprocs: int, out: Path, overrides: list[str], port: int, reus
               f"{summary['accuracy_after']})", flush=True)
         return summary
     t0 = time.time()
-    proc = subprocess.run(cmd[:5] + ["--master_port", str(port)] + cmd[5:], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run(launcher + ["--master_port", str(port)] + train, cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

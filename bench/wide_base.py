@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from baseline_peft import BENCH_SHAPE  # noqa: E402
+from baseline_peft import BENCH_SHAPE, olmoe_config  # noqa: E402
 
 CACHE = ROOT / ".cache" / "moe_dist"
 PRETRAIN_STEPS = 120  # x 16 x 128 tokens: ~2 min on 2 cores, the embedded model's build is ~2 min
@@ -46,15 +46,12 @@ def wide_base_dir(pretrain_steps: int = PRETRAIN_STEPS, seed: int = 0) -> Path:
     target = CACHE / f"wide-olmoe-h{s['hidden']}-e{s['experts']}-top{s['top_k']}-s{seed}-p{pretrain_steps}"
     if embedded.is_complete(target):
         return target
-    from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
+    from transformers import AutoTokenizer, OlmoeForCausalLM
 
     src = embedded.ensure_embedded_model(CACHE, seed)
     tok = AutoTokenizer.from_pretrained(src)
-    config = OlmoeConfig(vocab_size=len(tok), hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-                         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], num_experts=s["experts"],
-                         num_experts_per_tok=s["top_k"], intermediate_size=s["expert_intermediate"],
-                         max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    config = olmoe_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, use_cache=True)
     t0 = time.perf_counter()
     stream = embedded._token_stream(tok, seed, pretrain_steps * embedded.PRETRAIN_BATCH * embedded.PRETRAIN_SEQ_LEN + 1)
     with embedded._build_settings():
