@@ -50,6 +50,7 @@ from reference import RefLoRALinear, build_hf, build_reference, set_b_values  # 
 from test_parity_distributed import mixed_plan  # noqa: E402
 
 from moe_dist.adapters.lora import LoRAConfig  # noqa: E402
+from moe_dist.adapters.views import grad_of  # noqa: E402
 from moe_dist.models.convert import adapter_params, convert_model  # noqa: E402
 from moe_dist.routing import experts_modules  # noqa: E402
 
@@ -187,7 +188,7 @@ def layer_parity(experts, inputs: tuple, tol: dict) -> dict:
         y = mod(x, index, weights.to(dtype) if weights.is_floating_point() else weights)
         (y.float() * cot).sum().backward()
         outs[name] = (y.detach().float(), x.grad.float(),
-                      {k: p.grad.float() for k, p in mod.adapter_params().items() if p.grad is not None})
+                      {k: grad_of(p).float() for k, p in mod.adapter_params().items() if grad_of(p) is not None})
     (y, dx, g), (y_ref, dx_ref, g_ref) = outs["got"], outs["want"]
     row = dict(problems=[])
     for what, got, want, atol in (("output", y, y_ref, tol["layer_out"]),

@@ -54,7 +54,7 @@ def _one_step(rank: int, world: int, stage: int) -> None:
     engine.backward(loss)
     engine.step()
     assert torch.equal(model.model.layers[1].mlp.experts.gate_up_proj, base_before), f"rank {rank}: base experts overwritten"
-    for k, p in params.items():
+    for k, p in adapter_params(model).items():  # taken anew: the engine moved the Parameters
         expected = before[k] - LR * grads[k]
         torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5, msg=lambda m: f"rank {rank} {k}: {m}")
     engine.destroy()

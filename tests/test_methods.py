@@ -176,7 +176,6 @@ def _restructure_under_zero(rank: int, world: int) -> None:
     from moe_dist.methods.epng import prune_and_grow
     from moe_dist.train.engine import build_engine
     from moe_dist.train.structure import change_structure, start_engine
-    from deepspeed.utils import safe_get_full_optimizer_state
 
     hf = build_hf("olmoe")
     layers = moe_layer_indices(hf.config)
@@ -202,15 +201,16 @@ def _restructure_under_zero(rank: int, world: int) -> None:
     new_plan = prune_and_grow(imp, layers, plan, 0.25, 0.25, 4, 16)
     survivor = f"layers.{layers[-1]}.experts.{E - 1}.down_proj.lora_B"  # most important: kept and grown
     kept = [f"layers.{layers[0]}.experts.5.down_proj.lora_A", f"layers.{layers[-1]}.experts.1.gate_proj.lora_B"]
-    from moe_dist.train.zero_state import link_optimizer_state
+    from moe_dist.adapters.views import storage_param
+    from moe_dist.train.zero_state import full_state
 
-    link_optimizer_state(ds.engine)
-    owned = {k: p for k, p in adapter_params(model).items()}
-    before = {k: safe_get_full_optimizer_state(owned[k], "exp_avg") for k in kept if k in owned}
+    owned = {k: p for k, p in adapter_params(model).items() if k in kept}
+    before = {k: v for k, v in full_state(owned, ds.engine)[1].items() if k.endswith("/exp_avg")}  # a collective
     del owned
     assert before, "each rank owns one of the kept adapters"
     old_engine = weakref.ref(ds.engine)
-    pruned = [weakref.ref(p) for k, p in adapter_params(model).items() if k.startswith(f"layers.{layers[0]}.experts.0.")]
+    pruned = [weakref.ref(storage_param(p)) for k, p in adapter_params(model).items()
+              if k.startswith(f"layers.{layers[0]}.experts.0.")]
     ds, _ = change_structure(model, ds, Change(plan=new_plan), build)
     gc.collect()
     assert old_engine() is None, "the old engine stays alive (hook leak)"
@@ -219,10 +219,10 @@ def _restructure_under_zero(rank: int, world: int) -> None:
     assert f"layers.{layers[0]}.experts.0.up_proj.lora_A" not in params  # pruned: gone from the model...
     in_optimizer = {id(p) for g in ds.engine.optimizer.bit16_groups for p in g}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}  # ...and from the optimizer
-    assert all(id(p) in in_optimizer for p in params.values() if p.requires_grad)
-    link_optimizer_state(ds.engine)
+    assert all(id(storage_param(p)) in in_optimizer for p in params.values() if p.requires_grad)
+    after = full_state({k.rsplit("/", 1)[0]: params[k.rsplit("/", 1)[0]] for k in before}, ds.engine)[1]
     for k, v in before.items():
-        got = safe_get_full_optimizer_state(params[k], "exp_avg")
+        got = after[k]
         assert torch.equal(got, v), f"{k}: state not carried {(got - v).abs().max()} {v.abs().max()} {got.abs().max()}"
     if survivor in params:
         assert params[survivor].shape[1] > 4

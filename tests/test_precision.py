@@ -25,7 +25,7 @@ from reference import build_hf, set_b_values
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.kernels.grouped import grouped_mm_alignment
 from moe_dist.models.arch import moe_layer_indices
-from moe_dist.models.convert import adapter_params, convert_model
+from moe_dist.models.convert import adapter_grads, adapter_params, convert_model
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import experts_modules
 
@@ -47,8 +47,7 @@ def _run(model, tokens, kernel: str) -> tuple[torch.Tensor, dict[str, torch.Tens
     model.zero_grad(set_to_none=True)
     out = model(input_ids=tokens, labels=tokens)
     out.loss.backward()
-    return out.logits.detach().float(), {k: p.grad.float() for k, p in adapter_params(model).items()
-                                         if p.grad is not None}
+    return out.logits.detach().float(), {k: g.float() for k, g in adapter_grads(model).items()}
 
 
 def test_bf16_grouped_kernel_matches_loop_for_every_rank():

@@ -15,7 +15,7 @@ from reference import build_hf, set_b_values
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.adapters.lora_moe import lora_moe_modules
 from moe_dist.models.arch import moe_layer_indices
-from moe_dist.models.convert import adapter_params, apply_lora_moe, convert_model
+from moe_dist.models.convert import adapter_grads, adapter_params, apply_lora_moe, convert_model
 from moe_dist.recompute import checkpointed_layers, enable_activation_checkpointing, recomputing
 from moe_dist.optim import adamw
 from moe_dist.plan import AdapterPlan
@@ -54,7 +54,7 @@ def _run(rank: int, world: int, ep_size: int) -> None:
         # the gradients of one forward/backward, before any engine
         loss = model(input_ids=_tokens(rank, 0), labels=_tokens(rank, 0)).loss
         loss.backward()
-        grads = {k: p.grad.clone() for k, p in params.items() if p.grad is not None}
+        grads = {k: g.clone() for k, g in adapter_grads(model).items()}
         counts = _routing(model)
         model.zero_grad(set_to_none=True)
         for b in _routing(model):
@@ -109,7 +109,7 @@ def test_lora_moe_counts_once_under_recompute():
         balance = sum(m.aux_loss for m in lora_moe_modules(model))  # DMEP's balancing loss, backward too
         (out.loss + 0.1 * balance).backward()
         counts = {n: b.clone() for n, b in model.named_buffers() if n.endswith("selected_N")}
-        grads = {k: p.grad.clone() for k, p in adapter_params(model).items() if p.grad is not None}
+        grads = {k: g.clone() for k, g in adapter_grads(model).items()}
         runs.append((out.loss.item() + 0.1 * balance.item(), counts, grads))
     (l0, c0, g0), (l1, c1, g1) = runs
     assert l0 == pytest.approx(l1, rel=1e-6)

@@ -9,7 +9,7 @@ import torch
 
 from reference import build_hf
 from moe_dist.models.arch import UnsupportedModelError, arch_spec
-from moe_dist.models.convert import adapter_params, convert_model
+from moe_dist.models.convert import adapter_grads, adapter_params, convert_model
 from moe_dist.moe.dispatch import LocalDispatcher
 from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.plan import AdapterPlan
@@ -169,6 +169,36 @@ def test_rank_zero_expert_is_exactly_the_base_expert():
         assert not torch.allclose(a2, b2)
 
 
+def test_expert_adapters_are_views_of_one_parameter_per_rank_bucket():
+    """ZeRO sees one Parameter per (projection, rank) bucket and side, not one per adapter;
+    each logical key is a view of its bucket (writes land in it, its gradient is its slice),
+    and a view taken before the storage moved (an engine build) is refused, not misread."""
+    from moe_dist.adapters.views import grad_of, storage_param, view_offset
+
+    hf = build_hf("olmoe")
+    ranks = {(l, e, p): (4 if e % 2 else 8) for l in (0, 1) for e in range(8) for p in ("gate_proj", "up_proj", "down_proj")}
+    m = convert_model(copy.deepcopy(hf), AdapterPlan(ranks))
+    bank = m.model.layers[0].mlp.experts.adapters
+    assert len(list(bank.parameters())) == 2 * 3 * 2  # A and B x 3 projections x ranks {4, 8}
+    assert bank.lora_A["down_proj_r8"].shape == (4, 8, 32) and bank.lora_B["down_proj_r8"].shape == (4, 64, 8)
+    views = bank.adapter_params()
+    assert len(views) == 8 * 3 * 2
+    key = "layers.0.experts.4.down_proj.lora_B"  # expert 4: the third of the rank-8 bucket
+    assert storage_param(views[key]) is bank.lora_B["down_proj_r8"] and view_offset(views[key]) == 2 * 64 * 8
+    with torch.no_grad():
+        views[key].fill_(2.0)
+    assert torch.all(bank.lora_B["down_proj_r8"][2] == 2.0) and not bank.lora_B["down_proj_r8"][1].any()
+    m(torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8))).loss.backward()
+    assert torch.equal(grad_of(views[key]), bank.lora_B["down_proj_r8"].grad[2])
+    assert torch.equal(adapter_grads(m)[key], bank.lora_B["down_proj_r8"].grad[2])
+    with torch.no_grad():  # what DeepSpeed does when it flattens a group
+        bucket = bank.lora_B["down_proj_r8"]
+        bucket.data = torch.zeros(bucket.numel() + 10)[10:].view(bucket.shape)
+    with pytest.raises(RuntimeError, match="stale"):
+        view_offset(views[key], key)
+    assert view_offset(bank.adapter_params()[key]) == 2 * 64 * 8
+
+
 def test_unsupported_model_says_why():
     from transformers import LlamaConfig
 
@@ -183,15 +213,15 @@ def test_lori_freezes_A_and_masks_B():
     params = adapter_params(m)
     assert all(not p.requires_grad for k, p in params.items() if k.endswith("lora_A"))
     bank = m.model.layers[0].mlp.experts.adapters
-    name = next(iter(bank.lora_B.keys()))
-    mask = getattr(bank, f"mask_{name}")
+    key = next(iter(bank.lori_masks()))
+    mask = bank.lori_masks()[key]  # a view of its bucket's mask: set in place
     mask.zero_()
     mask[:, 0] = 1
     with torch.no_grad():
-        bank.lora_B[name].fill_(1.0)
+        bank.adapter_params()[key].fill_(1.0)
     out = m(torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8)))
     out.loss.backward()
-    grad = bank.lora_B[name].grad
+    grad = adapter_grads(m)[key]
     assert torch.all(grad[:, 1:] == 0) and grad[:, 0].abs().sum() > 0
 
 
@@ -236,7 +266,8 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
             (logits.float() ** 2).mean().backward()
         finally:
             torch.set_num_threads(threads)
-        grads = {k: p.grad.clone() for k, p in adapter_params(model).items() if p.requires_grad}
+        grads = {k: g.clone() for k, g in adapter_grads(model).items()}
+        assert set(grads) == {k for k, p in adapter_params(model).items() if p.requires_grad}, variant
         results[variant] = (logits.detach(), grads)
     for variant in ("loop_python", "loop"):
         torch.testing.assert_close(results[variant][0], results["grouped"][0], rtol=1e-5, atol=1e-5)
@@ -249,9 +280,10 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
     loss = (model(input_ids=ids, use_cache=False).logits.float() ** 2).mean()
     loss.backward(retain_graph=True)
     loss.backward()
-    for k, p in adapter_params(model).items():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, 2 * results["loop"][1][k], rtol=1e-4, atol=1e-6, msg=k)
+    twice = adapter_grads(model)
+    assert twice.keys() == results["loop"][1].keys()
+    for k, g in twice.items():
+        torch.testing.assert_close(g, 2 * results["loop"][1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_fused_gate_up_target_is_validated():

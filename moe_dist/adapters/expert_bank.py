@@ -1,13 +1,19 @@
-"""Ragged per-expert LoRA for the experts one rank owns.
+"""Ragged per-expert LoRA for the experts one rank owns, stored as one tensor per rank bucket.
 
 Shape legend: e local experts, G experts in one rank bucket, I in-features, O out-features,
 R adapter rank (Rp: R padded to grouped-mm alignment).
 
-Each (expert, projection) adapter is its own pair of Parameters (PEFT layout: A is R x I,
-B is O x R) with a logical key, so prune, grow, move and checkpoint act on one adapter at a
-time and ZeRO keeps per-parameter optimizer state. For compute, the adapters of a projection
-are grouped by rank into buckets; each bucket runs as two grouped matmuls over the rows of
-its experts. Experts with rank 0 are in no bucket and cost nothing.
+Each (expert, projection) adapter has a logical key and PEFT's layout (A is R x I, B is O x R),
+so prune, grow, move, export and checkpoint act on one adapter at a time. The adapters of a
+projection that share a rank form a bucket, and a bucket is *stored* as one Parameter per
+side (A: G x R x I, B: G x O x R); `adapter_params()` hands out each adapter as a view of its
+bucket (`bucket[i]`). Why: DeepSpeed's ZeRO works per Parameter (a gradient hook, a reduce, a
+norm, a copy each), and one Parameter per adapter made that per-tensor code ~10% of a step
+(1,056 tensors at the bench shape against PEFT's 48); a bucket is one. The grouped kernel
+uses a bucket as it is; the CPU loop kernel unbinds it (one autograd node, whose backward
+stacks the per-expert gradients into the bucket's one gradient). Experts with rank 0 are in
+no bucket and cost nothing. moe_dist/train/zero_state.py resolves the views to their bucket
+for the optimizer's state, so checkpoints stay per logical key.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ from moe_dist.plan import expert_param_key
 
 @dataclass(frozen=True)
 class RankBucket:
-    """Local slots of one projection's adapters that share a rank (so they stack)."""
+    """Local slots of one projection's adapters that share a rank: stored, and run, together."""
 
     proj: str
     rank: int
     slots: tuple[int, ...]
-    names: tuple[str, ...]  # ParameterDict keys, in slot order
+    experts: tuple[int, ...]  # in slot order: row i of the bucket's tensors is experts[i]
+    name: str  # ParameterDict key of its A and B
     scale: float
 
 
@@ -57,28 +64,36 @@ class ExpertLoRABank(nn.Module):
         self.lori = lori
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self._keys: dict[str, tuple[int, str]] = {}
-        buckets: dict[tuple[str, int], list[tuple[int, str]]] = {}
+        members: dict[tuple[str, int], list[tuple[int, int]]] = {}
         for slot, expert in enumerate(self.local_experts):
-            for proj, (in_f, out_f) in dims.items():
+            for proj in dims:
                 r = ranks.get((expert, proj), 0)
-                if r == 0:
-                    continue
-                name = f"{expert}_{proj}"
-                a = init_lora_A(r, in_f, expert_param_key(layer, expert, proj, "lora_A"), config.seed)
-                self.lora_A[name] = nn.Parameter(a.to(device), requires_grad=not lori)
-                self.lora_B[name] = nn.Parameter(torch.zeros(out_f, r, device=device))
-                if lori:
-                    self.register_buffer(f"mask_{name}", torch.ones(out_f, r, device=device), persistent=False)
-                self._keys[name] = (expert, proj)
-                buckets.setdefault((proj, r), []).append((slot, name))
+                if r > 0:
+                    members.setdefault((proj, r), []).append((slot, expert))
         self.buckets: dict[str, list[RankBucket]] = {p: [] for p in dims}
-        for (proj, r), members in sorted(buckets.items()):
-            self.buckets[proj].append(
-                RankBucket(proj, r, tuple(s for s, _ in members), tuple(n for _, n in members), config.scale(r))
-            )
+        self._where: dict[tuple[int, str], tuple[RankBucket, int]] = {}  # (expert, proj) -> (bucket, row)
+        for (proj, r), group in sorted(members.items()):
+            in_f, out_f = dims[proj]
+            bucket = RankBucket(proj, r, tuple(s for s, _ in group), tuple(e for _, e in group), f"{proj}_r{r}",
+                                config.scale(r))
+            self.buckets[proj].append(bucket)
+            A_GRI = torch.stack([init_lora_A(r, in_f, expert_param_key(layer, e, proj, "lora_A"), config.seed)
+                                 for e in bucket.experts])
+            self.lora_A[bucket.name] = nn.Parameter(A_GRI.to(device), requires_grad=not lori)
+            self.lora_B[bucket.name] = nn.Parameter(torch.zeros(len(group), out_f, r, device=device))
+            if lori:
+                self.register_buffer(f"mask_{bucket.name}", torch.ones(len(group), out_f, r, device=device),
+                                     persistent=False)
+            for i, e in enumerate(bucket.experts):
+                self._where[(e, proj)] = (bucket, i)
         self.gate_up_pairs, self.gate_up_singles = self._pair_gate_up()
         self.trainable = any(p.requires_grad for p in self.parameters())
+
+    def all_buckets(self) -> list[RankBucket]:
+        return [b for bs in self.buckets.values() for b in bs]
+
+    def _mask(self, bucket: RankBucket) -> torch.Tensor:
+        return getattr(self, f"mask_{bucket.name}")
 
     def _pair_gate_up(self) -> tuple[list[tuple[RankBucket, RankBucket]], list[RankBucket]]:
         """Gate and up buckets with the same rank over the same experts run fused (one A
@@ -104,14 +119,15 @@ class ExpertLoRABank(nn.Module):
         B_G2R2F = torch.cat([torch.cat([B_g, zeros], dim=2), torch.cat([zeros, B_u], dim=2)], dim=1)
         return torch.cat([A_g, A_u], dim=2), B_G2R2F
 
+    def _effective_B(self, bucket: RankBucket) -> torch.Tensor:
+        B_GOR = self.lora_B[bucket.name]
+        return B_GOR * self._mask(bucket) if self.lori else B_GOR
+
     def stacked(self, bucket: RankBucket, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_GIRp, B_GRpO) for grouped matmul, scale folded into B, LoRI mask applied,
         rank zero-padded to the grouped-mm alignment (padding adds exact zeros)."""
-        A_GRI = torch.stack([self.lora_A[n] for n in bucket.names]).to(dtype)
-        Bs = [self.lora_B[n] for n in bucket.names]
-        if self.lori:
-            Bs = [b * getattr(self, f"mask_{n}") for b, n in zip(Bs, bucket.names)]
-        B_GOR = torch.stack(Bs).to(dtype) * bucket.scale
+        A_GRI = self.lora_A[bucket.name].to(dtype)
+        B_GOR = self._effective_B(bucket).to(dtype) * bucket.scale
         pad = -bucket.rank % grouped_mm_alignment(dtype)
         if pad:
             A_GRI = nn.functional.pad(A_GRI, (0, 0, 0, pad))
@@ -120,56 +136,61 @@ class ExpertLoRABank(nn.Module):
 
     def ranks(self) -> dict[tuple[int, str], int]:
         """{(expert, projection): rank} of the adapters this bank holds."""
-        return {key: self.lora_A[name].shape[0] for name, key in self._keys.items()}
+        return {key: bucket.rank for key, (bucket, _) in self._where.items()}
 
     # ---- the CPU kernel's layout (moe_dist/kernels/expert_loop.py) ---------------------------
-    def loop_layout(self, projs: tuple[str, ...]) -> tuple[list[list[SlotAdapter]], list[tuple]]:
-        """Per local slot, its adapters among `projs` as kernel entries, and the (A, B, mask)
-        triples they index (entry j reads tensors 2j, 2j+1). Fixed for the bank's lifetime."""
-        slots, triples = [], []
+    def loop_layout(self, projs: tuple[str, ...]) -> tuple[list[list[SlotAdapter]], list[tuple[RankBucket, int]]]:
+        """Per local slot, its adapters among `projs` as kernel entries, and the (bucket, row)
+        each entry reads (entry j is tensors 2j, 2j+1 of `loop_tensors`). Fixed for the bank's
+        lifetime."""
+        slots, entries = [], []
         for expert in self.local_experts:
             mine = []
             for proj in projs:
-                name = f"{expert}_{proj}"
-                if name not in self.lora_A:
+                if (expert, proj) not in self._where:
                     continue
-                A, B = self.lora_A[name], self.lora_B[name]
-                triples.append((A, B, getattr(self, f"mask_{name}") if self.lori else None))
-                mine.append(SlotAdapter(2 * len(triples) - 2, 2 * len(triples) - 1, *self.columns[proj],
-                                        self.config.scale(A.shape[0])))
+                bucket, row = self._where[(expert, proj)]
+                entries.append((bucket, row))
+                mine.append(SlotAdapter(2 * len(entries) - 2, 2 * len(entries) - 1, *self.columns[proj], bucket.scale))
             slots.append(mine)
-        return slots, triples
+        return slots, entries
 
-    @staticmethod
-    def loop_tensors(triples: list[tuple], dtype: torch.dtype) -> list[torch.Tensor]:
-        """The current tensors of a `loop_layout`, in `dtype`, LoRI's mask applied to B."""
+    def loop_tensors(self, entries: list[tuple[RankBucket, int]], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The current (A, B) of each `loop_layout` entry, in `dtype`, LoRI's mask applied to B:
+        each bucket is cast and unbound once, so autograd accumulates one gradient per bucket."""
+        rows: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         tensors = []
-        for A, B, mask in triples:
-            if mask is not None:
-                B = B * mask
-            tensors += [A if A.dtype == dtype else A.to(dtype), B if B.dtype == dtype else B.to(dtype)]
+        for bucket, row in entries:
+            if bucket.name not in rows:
+                A, B = self.lora_A[bucket.name], self._effective_B(bucket)
+                rows[bucket.name] = ((A if A.dtype == dtype else A.to(dtype)).unbind(0),
+                                     (B if B.dtype == dtype else B.to(dtype)).unbind(0))
+            As, Bs = rows[bucket.name]
+            tensors += [As[row], Bs[row]]
         return tensors
 
-    def adapter_params(self) -> dict[str, nn.Parameter]:
-        """Every adapter tensor (trainable or LoRI-frozen A) under its logical key."""
+    def adapter_params(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor (trainable or LoRI-frozen A) under its logical key, as a view of
+        its bucket: writes under no_grad land in the bucket. Take them anew after an engine is
+        built (DeepSpeed moves each Parameter's storage into its flat buffer)."""
         out = {}
-        for name, (expert, proj) in self._keys.items():
-            out[expert_param_key(self.layer, expert, proj, "lora_A")] = self.lora_A[name]
-            out[expert_param_key(self.layer, expert, proj, "lora_B")] = self.lora_B[name]
+        for (expert, proj), (bucket, i) in sorted(self._where.items()):
+            out[expert_param_key(self.layer, expert, proj, "lora_A")] = self.lora_A[bucket.name][i]
+            out[expert_param_key(self.layer, expert, proj, "lora_B")] = self.lora_B[bucket.name][i]
         return out
 
     def lori_masks(self) -> dict[str, torch.Tensor]:
-        """LoRI's B masks (buffers, set in place) under the logical key of their B."""
+        """LoRI's B masks (views of the bucket buffers, set in place) under the logical key of their B."""
         if not self.lori:
             return {}
-        return {expert_param_key(self.layer, e, p, "lora_B"): getattr(self, f"mask_{name}")
-                for name, (e, p) in self._keys.items()}
+        return {expert_param_key(self.layer, e, p, "lora_B"): self._mask(bucket)[i]
+                for (e, p), (bucket, i) in sorted(self._where.items())}
 
     def flops_per_token(self, expert: int) -> int:
         """Adapter multiply-adds (x2) one routed token costs at `expert`: 2 R (I + O) per projection."""
         total = 0
-        for name, (e, _proj) in self._keys.items():
+        for (e, _proj), (bucket, _) in self._where.items():
             if e == expert:
-                r, in_f = self.lora_A[name].shape
-                total += 2 * r * (in_f + self.lora_B[name].shape[0])
+                _, r, in_f = self.lora_A[bucket.name].shape
+                total += 2 * r * (in_f + self.lora_B[bucket.name].shape[1])
         return total

@@ -16,6 +16,7 @@ from torch import nn
 
 from moe_dist.adapters.lora_moe import LoRAMoELinear
 from moe_dist.adapters.lora import LoRAConfig, LoRALinear
+from moe_dist.adapters.views import grad_of
 from moe_dist.models.arch import ArchSpec, arch_spec, decoder_layers, moe_blocks
 from moe_dist.models.layout import (ExpertsLayout, down_to_canonical, gate_up_bias_to_canonical, gate_up_to_canonical,
                                     gpt_oss_gate)
@@ -158,16 +159,24 @@ def _wrap_attention(model: nn.Module, spec: ArchSpec, plan: AdapterPlan, lora: L
         setattr(attn, proj, LoRALinear(base, rank, lora, f"layers.{layer}.self_attn.{proj}", device=device))
 
 
-def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
+def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter tensor of a converted model under its logical key (rank-independent).
-    On an expert-parallel rank this holds that rank's experts' adapters and all attention ones."""
-    out: dict[str, nn.Parameter] = {}
+    On an expert-parallel rank this holds that rank's experts' adapters and all attention ones.
+    Expert adapters are views of their bucket's Parameter (moe_dist/adapters/expert_bank.py)."""
+    out: dict[str, torch.Tensor] = {}
     for module in model.modules():
         if isinstance(module, (ExpertParallelExperts, LoRALinear, LoRAMoELinear)):
             out.update(module.adapter_params())
     return out
 
 
-def trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
+def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The gradient of every adapter tensor that has one, by logical key (an expert adapter's
+    is its slice of its bucket's `.grad`; moe_dist/adapters/views.py)."""
+    grads = {k: grad_of(t) for k, t in adapter_params(model).items()}
+    return {k: g for k, g in grads.items() if g is not None}
+
+
+def trainable_params(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors that receive gradients (LoRI's frozen A excluded)."""
     return {k: p for k, p in adapter_params(model).items() if p.requires_grad}

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
+from moe_dist.adapters.views import storage_param
+
 
 def group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
@@ -68,11 +70,12 @@ def mark_expert_param(p: torch.nn.Parameter, ep_size: int) -> None:
     p.group_name = group_name(ep_size)
 
 
-def writes_canonical_copy(p: torch.nn.Parameter) -> bool:
+def writes_canonical_copy(p: torch.Tensor) -> bool:
     """Whether this rank is the one that saves `p`: for an expert parameter the first rank of
     its expert-data-parallel group (each EP shard once), otherwise global rank 0."""
     if not dist.is_initialized():
         return True
+    p = storage_param(p)  # an expert adapter's view: its bucket Parameter carries the marks
     if getattr(p, "allreduce", True) is False:
         from deepspeed.utils import groups
 

@@ -77,7 +77,8 @@ def start_engine(model: nn.Module, build: BuildEngine, snap: EngineSnapshot | No
             for key, v in snap.values.items():
                 params[key].copy_(v.to(params[key].dtype))
     engine, scheduler = build(model)
-    trainable = {k: p for k, p in params.items() if p.requires_grad}
+    # taken anew: the engine moved each Parameter into its flat buffer (views of the old are stale)
+    trainable = {k: p for k, p in adapter_params(model).items() if p.requires_grad}
     if snap is not None:
         zero_state.restore(engine, scheduler, trainable, snap)
     return Engine(engine, scheduler, trainable)

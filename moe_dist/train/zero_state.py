@@ -3,7 +3,9 @@
 Checkpoints (moe_dist/train/checkpoint.py) and structure changes (moe_dist/train/structure.py)
 both go through here: `snapshot` gives the full fp32 values, Adam moments, step count, LR
 schedule and engine counters of every parameter (a collective); `restore` puts a snapshot
-into a fresh engine; `destroy_engine` frees an engine completely. The DeepSpeed 0.19.8
+into a fresh engine; `destroy_engine` frees an engine completely. Expert adapters come as
+views of their rank bucket's Parameter (moe_dist/adapters/views.py): the engine's state is
+taken and set per Parameter and split or assembled by key here. The DeepSpeed 0.19.8
 internals this relies on (ZeRO-1/2 flat groups, the optimizer-state link bug, bound methods
 on parameters) are all in this file; shared/notes/deepspeed-0.19.8.md has the probes.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from moe_dist.adapters.views import slice_of, storage_param
 from moe_dist.optim import OPTIM_KEYS
 
 COUNTERS = ("global_steps", "global_samples", "micro_steps")  # the engine's own step counters
@@ -37,11 +40,36 @@ class EngineSnapshot:
         return {"optimizer_step": self.optimizer_step, "scheduler": self.scheduler, "counters": self.counters}
 
 
-def snapshot(engine, scheduler, params: dict[str, torch.nn.Parameter]) -> EngineSnapshot:
-    """Collective over every parameter's data-parallel group."""
+def snapshot(engine, scheduler, params: dict[str, torch.Tensor]) -> EngineSnapshot:
+    """Collective over every parameter's data-parallel group. `params`: by logical key, taken
+    after the engine was built."""
     values, optim = full_state(params, engine)
     return EngineSnapshot(values, optim, adam_step(engine), scheduler.state_dict(),
                           {k: getattr(engine, k) for k in COUNTERS})
+
+
+def _by_key(params: dict[str, torch.Tensor], home: dict[str, str], state: tuple[dict, dict]) -> tuple[dict, dict]:
+    """Per-Parameter (values, optimizer state) split into each logical key's part."""
+    base_values, base_optim = state
+    values, optim = {}, {}
+    for key, name in home.items():
+        t = params[key]
+        values[key] = slice_of(base_values[name], t, key).clone()
+        for n in OPTIM_KEYS:
+            if f"{name}/{n}" in base_optim:
+                optim[f"{key}/{n}"] = slice_of(base_optim[f"{name}/{n}"], t, key).clone()
+    return values, optim
+
+
+def _storage(params: dict[str, torch.Tensor]) -> tuple[dict[str, torch.nn.Parameter], dict[str, str]]:
+    """The Parameters that store `params`, each named by the smallest logical key it holds (the
+    same name on every rank that holds it), and each key's Parameter name."""
+    storage, name_of, home = {}, {}, {}
+    for key in sorted(params):
+        base = storage_param(params[key])
+        name = name_of.setdefault(id(base), key)
+        storage[name], home[key] = base, name
+    return storage, home
 
 
 def link_optimizer_state(engine) -> None:
@@ -64,18 +92,24 @@ def _ordered(params: dict[str, torch.nn.Parameter]) -> list[tuple[str, torch.nn.
     return sorted(params.items(), key=lambda kv: (getattr(kv[1], "allreduce", True) is False, kv[0]))
 
 
-def full_state(params: dict[str, torch.nn.Parameter], engine) -> tuple[dict, dict]:
+def full_state(params: dict[str, torch.Tensor], engine) -> tuple[dict, dict]:
     """Collective: (values, optimizer state) of every param, full and fp32, by logical key.
 
     With a ZeRO-1/2 engine: one all-gather per optimizer param group (`_zero_full_state`);
     otherwise DeepSpeed's per-parameter fragment API (`fragment_full_state`)."""
-    fast = _zero_full_state(engine, params)
-    return fast if fast is not None else fragment_full_state(params, engine)
+    storage, home = _storage(params)
+    fast = _zero_full_state(engine, storage)
+    return _by_key(params, home, fast if fast is not None else _fragment_full_state(storage, engine))
 
 
-def fragment_full_state(params: dict[str, torch.nn.Parameter], engine) -> tuple[dict, dict]:
-    """Through DeepSpeed's public tensor-fragment API: one collective per parameter and
-    state (~0.3 s for the embedded default's 450 adapter tensors on 2 CPU ranks)."""
+def fragment_full_state(params: dict[str, torch.Tensor], engine) -> tuple[dict, dict]:
+    """Through DeepSpeed's public tensor-fragment API: one collective per Parameter and
+    state (~0.3 s for 450 Parameters on 2 CPU ranks)."""
+    storage, home = _storage(params)
+    return _by_key(params, home, _fragment_full_state(storage, engine))
+
+
+def _fragment_full_state(params: dict[str, torch.nn.Parameter], engine) -> tuple[dict, dict]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     link_optimizer_state(engine)
@@ -149,14 +183,16 @@ def adam_step(engine) -> int:
     return 0
 
 
-def restore(engine, scheduler, params: dict[str, torch.nn.Parameter], snap: EngineSnapshot) -> None:
+def restore(engine, scheduler, params: dict[str, torch.Tensor], snap: EngineSnapshot) -> None:
     """A fresh engine (built over `params`) continues exactly where `snap` was taken: fp32
     masters, Adam moments, step count, LR schedule, engine counters.
 
     torch's Adam creates its state lazily at the first step, and ZeRO links the per-parameter
     fragments only then; we create the state (zeros, step count) the way that first step
     would and link it (private method: the one seam on DeepSpeed internals here). The fp32
-    masters are set too: with bf16 the module copy the engine started from was rounded."""
+    masters are set too: with bf16 the module copy the engine started from was rounded.
+    `params` by logical key, taken after the engine was built: a bucket Parameter gets its
+    members' values (its current value where a key has none) and moments (zeros where none)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     values, optim, optimizer_step, scheduler_state = snap.values, snap.optim, snap.optimizer_step, snap.scheduler
@@ -166,12 +202,25 @@ def restore(engine, scheduler, params: dict[str, torch.nn.Parameter], snap: Engi
             base.state[flat].update(step=torch.tensor(float(optimizer_step)), exp_avg=torch.zeros_like(flat),
                                     exp_avg_sq=torch.zeros_like(flat))
     link_optimizer_state(engine)
-    for key, p in params.items():
-        if key in values:
-            safe_set_full_fp32_param(p, values[key].to(p.device, torch.float32))
-        for name in OPTIM_KEYS:
-            if f"{key}/{name}" in optim:
-                safe_set_full_optimizer_state(p, optim[f"{key}/{name}"].to(p.device), name)
+    storage, home = _storage(params)
+    members: dict[str, list[str]] = {}
+    for key, name in home.items():
+        members.setdefault(name, []).append(key)
+    for name, p in storage.items():
+        keys = members[name]
+        if any(k in values for k in keys):
+            full = p.detach().to(torch.float32, copy=True)
+            for k in keys:
+                if k in values:
+                    slice_of(full, params[k], k).copy_(values[k])
+            safe_set_full_fp32_param(p, full)
+        for n in OPTIM_KEYS:
+            if any(f"{k}/{n}" in optim for k in keys):
+                full = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                for k in keys:
+                    if f"{k}/{n}" in optim:
+                        slice_of(full, params[k], k).copy_(optim[f"{k}/{n}"])
+                safe_set_full_optimizer_state(p, full, n)
     if scheduler_state is not None:
         scheduler.load_state_dict(scheduler_state)
         # LambdaLR.load_state_dict restores its counter, not the optimizer's current lr.
