@@ -50,7 +50,7 @@ from reference import RefLoRALinear, build_hf, build_reference, set_b_values  # 
 from test_parity_distributed import mixed_plan  # noqa: E402
 
 from moe_dist.adapters.lora import LoRAConfig  # noqa: E402
-from moe_dist.adapters.views import grad_of  # noqa: E402
+from moe_dist.param_views import grad_of  # noqa: E402
 from moe_dist.models.convert import adapter_params, convert_model  # noqa: E402
 from moe_dist.routing import experts_modules  # noqa: E402
 

@@ -201,7 +201,7 @@ def _restructure_under_zero(rank: int, world: int) -> None:
     new_plan = prune_and_grow(imp, layers, plan, 0.25, 0.25, 4, 16)
     survivor = f"layers.{layers[-1]}.experts.{E - 1}.down_proj.lora_B"  # most important: kept and grown
     kept = [f"layers.{layers[0]}.experts.5.down_proj.lora_A", f"layers.{layers[-1]}.experts.1.gate_proj.lora_B"]
-    from moe_dist.adapters.views import storage_param
+    from moe_dist.param_views import storage_param
     from moe_dist.train.zero_state import full_state
 
     owned = {k: p for k, p in adapter_params(model).items() if k in kept}

@@ -173,7 +173,7 @@ def test_expert_adapters_are_views_of_one_parameter_per_rank_bucket():
     """ZeRO sees one Parameter per (projection, rank) bucket and side, not one per adapter;
     each logical key is a view of its bucket (writes land in it, its gradient is its slice),
     and a view taken before the storage moved (an engine build) is refused, not misread."""
-    from moe_dist.adapters.views import grad_of, storage_param, view_offset
+    from moe_dist.param_views import grad_of, storage_param, view_offset
 
     hf = build_hf("olmoe")
     ranks = {(l, e, p): (4 if e % 2 else 8) for l in (0, 1) for e in range(8) for p in ("gate_proj", "up_proj", "down_proj")}

@@ -16,13 +16,13 @@ from torch import nn
 
 from moe_dist.adapters.lora_moe import LoRAMoELinear
 from moe_dist.adapters.lora import LoRAConfig, LoRALinear
-from moe_dist.adapters.views import grad_of
 from moe_dist.models.arch import ArchSpec, arch_spec, decoder_layers, moe_blocks
 from moe_dist.models.layout import (ExpertsLayout, down_to_canonical, gate_up_bias_to_canonical, gate_up_to_canonical,
                                     gpt_oss_gate)
 from moe_dist.moe.experts import ExpertParallelExperts
 from moe_dist.parallel.groups import expert_groups
 from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.param_views import grad_of
 from moe_dist.plan import AdapterPlan
 
 
@@ -172,7 +172,7 @@ def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     """The gradient of every adapter tensor that has one, by logical key (an expert adapter's
-    is its slice of its bucket's `.grad`; moe_dist/adapters/views.py)."""
+    is its slice of its bucket's `.grad`; moe_dist/param_views.py)."""
     grads = {k: grad_of(t) for k, t in adapter_params(model).items()}
     return {k: g for k, g in grads.items() if g is not None}
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from moe_dist.adapters.views import storage_param
+from moe_dist.param_views import storage_param
 
 
 def group_name(ep_size: int) -> str:

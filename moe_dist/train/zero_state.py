@@ -4,7 +4,7 @@ Checkpoints (moe_dist/train/checkpoint.py) and structure changes (moe_dist/train
 both go through here: `snapshot` gives the full fp32 values, Adam moments, step count, LR
 schedule and engine counters of every parameter (a collective); `restore` puts a snapshot
 into a fresh engine; `destroy_engine` frees an engine completely. Expert adapters come as
-views of their rank bucket's Parameter (moe_dist/adapters/views.py): the engine's state is
+views of their rank bucket's Parameter (moe_dist/param_views.py): the engine's state is
 taken and set per Parameter and split or assembled by key here. The DeepSpeed 0.19.8
 internals this relies on (ZeRO-1/2 flat groups, the optimizer-state link bug, bound methods
 on parameters) are all in this file; shared/notes/deepspeed-0.19.8.md has the probes.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from moe_dist.adapters.views import slice_of, storage_param
+from moe_dist.param_views import slice_of, storage_param
 from moe_dist.optim import OPTIM_KEYS
 
 COUNTERS = ("global_steps", "global_samples", "micro_steps")  # the engine's own step counters
