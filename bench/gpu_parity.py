@@ -51,7 +51,7 @@ from test_parity_distributed import mixed_plan  # noqa: E402
 
 from moe_dist.adapters.lora import LoRAConfig  # noqa: E402
 from moe_dist.param_views import grad_of  # noqa: E402
-from moe_dist.models.convert import adapter_params, convert_model  # noqa: E402
+from moe_dist.models.convert import adapter_grads, adapter_params, convert_model  # noqa: E402
 from moe_dist.routing import experts_modules  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -126,12 +126,17 @@ def reference_on(hf, plan, lora: LoRAConfig, device: torch.device):
     return ref.to(device), tensors
 
 
-def forward_backward(model, ids: torch.Tensor, leaves: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    for t in leaves.values():
+def forward_backward(model, ids: torch.Tensor, leaves: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and gradients by key: of `leaves` (the reference's tensors), or of a moe_dist
+    model's adapters (`adapter_grads`: expert adapters are views of their rank bucket)."""
+    if leaves is None:
+        model.zero_grad(set_to_none=True)
+    for t in (leaves or {}).values():
         t.grad = None
     out = model(ids, labels=ids)
     out.loss.backward()
-    return out.logits.detach().float(), {k: t.grad.float() for k, t in leaves.items() if t.grad is not None}
+    grads = adapter_grads(model) if leaves is None else {k: t.grad for k, t in leaves.items() if t.grad is not None}
+    return out.logits.detach().float(), {k: g.float() for k, g in grads.items()}
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> tuple[float, float, bool]:
@@ -233,7 +238,7 @@ def check_arch(arch: str, device: torch.device, dtypes, kernels) -> dict:
                 for experts in experts_modules(model).values():
                     experts.set_kernel(kernel)
                 seen, handles = capture_expert_inputs(model)
-                logits, grads = forward_backward(model, ids, params)
+                logits, grads = forward_backward(model, ids)
                 for h in handles:
                     h.remove()
                 judged = dname == "fp32"  # bf16: the whole model is reported, its expert layers judged

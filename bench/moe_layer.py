@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_peft import BENCH_SHAPE, build_baseline, olmoe_config, random_batch, train_step  # noqa: E402
 
-from moe_dist.models.convert import convert_model, trainable_params  # noqa: E402
+from moe_dist.models.convert import convert_model  # noqa: E402
 from moe_dist.plan import AdapterPlan  # noqa: E402
 
 
@@ -59,7 +59,8 @@ def build_moe_dist(experts_per_layer: int | None, targets: tuple[str, ...] = PEF
     plan = AdapterPlan.uniform(range(L), E, 8, expert_projections=targets, attention_layers=range(L), experts=chosen)
     convert_model(model, plan)
     model.train()
-    opt = torch.optim.AdamW(list(trainable_params(model).values()), lr=1e-4, fused=True)
+    # the Parameters (expert adapters are stored per rank bucket; trainable_params gives views by key)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     return model, opt
 
 
