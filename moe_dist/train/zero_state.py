@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from moe_dist.param_views import slice_of, storage_param
 from moe_dist.optim import OPTIM_KEYS
+from moe_dist.param_views import slice_of, storage_param
 
 COUNTERS = ("global_steps", "global_samples", "micro_steps")  # the engine's own step counters
 
