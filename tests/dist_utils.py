@@ -28,13 +28,14 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    try:
-        fn(rank, world, *args)
-    finally:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    fn(rank, world, *args)  # a rank that raises exits here; the spawner then stops the others
+    # Every rank's last sends are delivered before any rank tears its gloo pairs down: a rank
+    # that left its final all-to-all early (nothing to receive) and destroyed the group while
+    # a send was in flight aborted ("terminate called without an active exception", SIGABRT).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_distributed(fn: Callable, world: int, *args) -> None:
