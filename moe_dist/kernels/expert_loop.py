@@ -9,7 +9,9 @@ memory, with stacked/padded adapter copies and zero-filled buffers in backward. 
 expert's rows are handled while they are in cache: y_e = x_e W_e^T, then t = x_e A^T and
 y_e[:, cols] += s t B^T *in place* (addmm_), so no delta tensor exists; backward mirrors it
 (grad_x_e = g_e W_e + s (g_e B) A in place, grad_A and grad_B per expert). Each adapter
-tensor is its own input, so its gradient lands on its Parameter with no stack or unbind.
+is its own input: the bank passes its rank bucket unbound into per-expert views
+(moe_dist/adapters/expert_bank.py), and autograd stacks their gradients into the bucket's one
+gradient, once per bucket.
 GPUs keep the grouped path (moe_dist/moe/experts.py), where grouped_mm is one kernel.
 
 The same loop also exists in C++ (csrc/expert_loop.cpp, built on first use with
