@@ -89,9 +89,6 @@ class ExpertLoRABank(nn.Module):
         self.gate_up_pairs, self.gate_up_singles = self._pair_gate_up()
         self.trainable = any(p.requires_grad for p in self.parameters())
 
-    def all_buckets(self) -> list[RankBucket]:
-        return [b for bs in self.buckets.values() for b in bs]
-
     def _mask(self, bucket: RankBucket) -> torch.Tensor:
         return getattr(self, f"mask_{bucket.name}")
 
