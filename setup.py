@@ -9,9 +9,9 @@ setup(
     version="0.1.0",
     description="Expert-parallel routing-aware LoRA fine-tuning of HF MoE models on DeepSpeed",
     packages=find_packages(include=["moe_dist", "moe_dist.*"]),
-    # The CPU expert kernel's source (compiled on first use by torch.utils.cpp_extension) and the
+    # The CPU expert kernels' sources (compiled on first use by torch.utils.cpp_extension) and the
     # published configs of the models the recipes name (offline planning).
-    package_data={"moe_dist": ["kernels/csrc/*.cpp", "models/configs/*.json"]},
+    package_data={"moe_dist": ["kernels/csrc/*.cpp", "kernels/csrc/*.h", "models/configs/*.json"]},
     python_requires=">=3.10",
     # torch is pinned at 2.13 but not to a build: a GPU box keeps its CUDA torch.
     install_requires=[

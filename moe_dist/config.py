@@ -171,11 +171,12 @@ class RepartitionSection:
 class MoESection:
     """The expert layer's compute."""
 
-    # auto: the per-expert loop on CPU (LoRA added in place), grouped matmuls on GPU; or loop / grouped
+    # auto: on CPU the fused expert MLP (fp32 SiLU-gated experts) or else the per-expert loop (LoRA
+    # added in place), grouped matmuls on GPU; or fused / loop / grouped
     kernel: str = "auto"
 
     def validate(self, path: str) -> None:
-        one_of(self, path, "kernel", ("auto", "loop", "grouped"))
+        one_of(self, path, "kernel", ("auto", "fused", "loop", "grouped"))
 
 
 @dataclass

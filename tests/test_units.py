@@ -227,10 +227,11 @@ def test_lori_freezes_A_and_masks_B():
 
 @pytest.mark.parametrize("arch,lori", [("qwen2_moe", False), ("qwen2_moe", True), ("gpt_oss", False)])
 def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
-    """The per-expert loop (CPU default; compiled, with experts spread over 2 threads, and
-    its Python fallback) and the grouped-matmul path (GPU default) give the same logits and
-    the same gradient for every adapter, x and frozen-A included; gpt-oss with its expert
-    biases and clamped gate on both."""
+    """The fused expert MLP (CPU default for SiLU-gated experts; 1 and 2 threads), the
+    per-expert loop (compiled, with experts spread over 2 threads, and its Python fallback) and
+    the grouped-matmul path (GPU default) give the same logits and the same gradient for every
+    adapter, x and frozen-A included; gpt-oss with its expert biases and clamped gate on loop
+    and grouped (the fused kernel refuses it)."""
     import shutil
 
     import moe_dist.kernels.expert_loop as expert_loop
@@ -254,12 +255,15 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     results = {}
     threads = torch.get_num_threads()
-    for variant in ("grouped", "loop_python", "loop"):
+    fused = ("fused", "fused_1thread") if native is not None and arch != "gpt_oss" else ()
+    for variant in ("grouped", "loop_python", "loop", *fused):
         for m in model.modules():
             if isinstance(m, ExpertParallelExperts):
                 m.set_kernel(variant.split("_")[0])
         monkeypatch.setattr(expert_loop, "_native_module", None if variant == "loop_python" else native)
-        torch.set_num_threads(2)  # the compiled loop spreads experts over threads (CI runs with 1)
+        # the compiled kernels spread experts over threads (CI runs with 1); with one thread the
+        # fused kernel adds into the output rows as each expert finishes, with two after all
+        torch.set_num_threads(1 if variant.endswith("1thread") else 2)
         try:
             model.zero_grad(set_to_none=True)
             logits = model(input_ids=ids, use_cache=False).logits
@@ -269,12 +273,14 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
         grads = {k: g.clone() for k, g in adapter_grads(model).items()}
         assert set(grads) == {k for k, p in adapter_params(model).items() if p.requires_grad}, variant
         results[variant] = (logits.detach(), grads)
-    for variant in ("loop_python", "loop"):
+    for variant in ("loop_python", "loop", *fused):
         torch.testing.assert_close(results[variant][0], results["grouped"][0], rtol=1e-5, atol=1e-5)
         assert results[variant][1].keys() == results["grouped"][1].keys()
         for k, g in results["grouped"][1].items():
             torch.testing.assert_close(results[variant][1][k], g, rtol=1e-4, atol=1e-6, msg=f"{variant} {k}")
     assert any(g.abs().sum() > 0 for k, g in results["loop"][1].items() if ".experts." in k)
+    if fused:  # the thread count changes where the adds happen, not their order
+        torch.testing.assert_close(results["fused"][0], results["fused_1thread"][0], rtol=0, atol=0)
     # the loop keeps what backward needs in saved tensors: a retained graph backs up twice
     model.zero_grad(set_to_none=True)
     loss = (model(input_ids=ids, use_cache=False).logits.float() ** 2).mean()

@@ -15,8 +15,9 @@ gradient, once per bucket.
 GPUs keep the grouped path (moe_dist/moe/experts.py), where grouped_mm is one kernel.
 
 The same loop also exists in C++ (csrc/expert_loop.cpp, built on first use with
-torch.utils.cpp_extension and cached): it spreads experts over the intra-op threads instead
-of running every small GEMM on all of them. Without a compiler (or with
+torch.utils.cpp_extension and cached, in one extension with the fused expert MLP of
+csrc/expert_mlp.cpp): it spreads experts over the intra-op threads instead of running every
+small GEMM on all of them. Without a compiler (or with
 MOE_DIST_NATIVE_LOOP=0) the Python loop below runs; both compute the same products.
 """
 
@@ -45,8 +46,11 @@ def native_loop():
                 from torch.utils.cpp_extension import load
 
                 log.info("loading the CPU expert kernel (built once, cached by torch.utils.cpp_extension)")
+                csrc = Path(__file__).parent / "csrc"
                 _native_module = load(name="moe_dist_expert_loop",
-                                      sources=[str(Path(__file__).parent / "csrc" / "expert_loop.cpp")],
+                                      sources=[str(csrc / f) for f in ("bindings.cpp", "expert_loop.cpp",
+                                                                       "expert_mlp.cpp")],
+                                      extra_include_paths=[str(csrc)],
                                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
             except Exception as exc:  # no compiler, no ninja, ...: the Python loop is the same math
                 warnings.warn(f"moe_dist: compiled CPU expert loop unavailable ({type(exc).__name__}: {exc}); "

@@ -15,6 +15,9 @@ outputs, and sends one row back per pair; the source adds up one row per rank. W
 Phases: `dispatch` = pairs and counts (one count all-to-all, the layer's one host sync) ->
 exchange rows with their slot metadata -> expand to local-expert-major order (no comm).
 `combine` = weighted sum per received row (no comm) -> exchange back -> sum per token.
+A fused expert kernel that gathers and weight-sums by itself (moe_dist/kernels/expert_mlp.py)
+takes `route` (dispatch without the expansion: rows, and each slot's row and gate weight) and
+`finish` (combine without the weighted sum).
 Dispatchers keep no per-call state: `dispatch` returns a frozen meta that `combine` takes
 back, so two layers, activation recompute or re-entrant calls cannot clash. Every reduction
 has a fixed order (no atomics), so results do not depend on the device's scheduling.
@@ -53,6 +56,17 @@ class AllToAllMeta:
     tokens_per_expert: list[int]  # computed rows per owned expert, local slot order (host ints)
     num_tokens: int
     ranks_per_token: int  # J
+
+
+@dataclass(frozen=True)
+class Routes:
+    """What a fused expert kernel needs from a dispatcher (`route`), and what `finish` takes back:
+    the source rows' index and gate weight of every computed slot, local-expert-major."""
+
+    row_Q: torch.Tensor  # source row of each computed slot
+    weight_Q: torch.Tensor  # its gate weight (autograd: the router's gradient flows through it)
+    tokens_per_expert: list[int]  # computed slots per owned expert, local slot order (host ints)
+    back: AllToAllMeta | None = None  # how the rows' outputs return (None: they are the tokens')
 
 
 def _all_to_all_rows(xs: tuple[torch.Tensor, ...], output_splits: list[int], input_splits: list[int],
@@ -229,20 +243,37 @@ class LocalDispatcher:
         self.slot_of_expert_E = self.slot_of_expert_E.to(device)
         return self
 
-    def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
-                 top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, LocalMeta]:
-        T, K = top_k_index_TK.shape
+    def _sort_slots(self, top_k_index_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(slots in expert-major order as flat t*K + k, their tokens, slots per expert); the
+        layer's one host sync."""
+        K = top_k_index_TK.shape[1]
         slot_N = self.slot_of_expert_E[top_k_index_TK.reshape(-1)]
         sort_N = torch.argsort(slot_N, stable=True)
-        tokens_per_expert = count_tokens_per_expert(slot_N, self.num_experts).tolist()  # the one host sync
+        tokens_per_expert = count_tokens_per_expert(slot_N, self.num_experts).tolist()
+        return sort_N, torch.div(sort_N, K, rounding_mode="floor"), tokens_per_expert
+
+    def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
+                 top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, LocalMeta]:
+        K = top_k_index_TK.shape[1]
+        sort_N, token_N, tokens_per_expert = self._sort_slots(top_k_index_TK)
         unsort_N = _inverse_permutation(sort_N)
-        token_N = torch.div(sort_N, K, rounding_mode="floor")
         x_ND = gather_rows(x_TD, token_N, sort_N, K)  # sort_N = t*K + k: a distinct grid place
         return x_ND, LocalMeta(unsort_N, sort_N, token_N, top_k_weights_TK, tokens_per_expert)
 
     def combine(self, y_MD: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
         """Expert outputs in expert-major order -> gate-weighted sum per token, in the rows' dtype."""
         return _WeightedCombine.apply(y_MD, meta.weights_TK, meta.unsort_N, meta.sort_N, meta.token_N)
+
+    def route(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
+              top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, Routes]:
+        """For a fused kernel that gathers and combines itself: the tokens as they are, and each
+        slot's token and gate weight in expert-major order (no communication)."""
+        sort_N, token_N, tokens_per_expert = self._sort_slots(top_k_index_TK)
+        return x_TD, Routes(token_N, top_k_weights_TK.reshape(-1).index_select(0, sort_N), tokens_per_expert)
+
+    def finish(self, y_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """The fused kernel's per-row sums are already per token."""
+        return y_TD
 
 
 class AllToAllDispatcher:
@@ -299,6 +330,30 @@ class AllToAllDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
                  top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, AllToAllMeta]:
+        K = top_k_index_TK.shape[1]
+        x_RD, meta = self._send_rows(x_TD, top_k_index_TK, top_k_weights_TK)
+        x_QD = gather_rows(x_RD, torch.div(meta.order_Q, K, rounding_mode="floor"), meta.order_Q, K)
+        return x_QD, meta
+
+    def route(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
+              top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, Routes]:
+        """For a fused kernel that gathers and combines itself: the rows received (each token
+        once per rank), and each computed slot's row and gate weight, local-expert-major."""
+        K = top_k_index_TK.shape[1]
+        x_RD, meta = self._send_rows(x_TD, top_k_index_TK, top_k_weights_TK)
+        row_Q = torch.div(meta.order_Q, K, rounding_mode="floor")
+        return x_RD, Routes(row_Q, meta.weights_RK.reshape(-1).index_select(0, meta.order_Q), meta.tokens_per_expert,
+                            meta)
+
+    def finish(self, y_RD: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """Per received row, the sum of its slots' weighted outputs -> back to the source ->
+        summed per token."""
+        return self._return_rows(y_RD, routes.back)
+
+    def _send_rows(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
+                   top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, AllToAllMeta]:
+        """Pairs and counts (one count all-to-all, the layer's one host sync) -> each token's
+        row and slot metadata to every rank it reaches (one all-to-all)."""
         T, K = top_k_index_TK.shape
         P, e = self.ep_size, len(self.local_experts)
         J = min(P, K)
@@ -327,15 +382,17 @@ class AllToAllDispatcher:
         # expand received rows to their local experts, local-expert-major (stable: row order kept)
         order_Q = torch.argsort(torch.where(local_RK >= 0, local_RK, e).reshape(-1), stable=True)
         order_Q = order_Q[: sum(tokens_per_expert)]
-        x_QD = gather_rows(x_RD, torch.div(order_Q, K, rounding_mode="floor"), order_Q, K)
         meta = AllToAllMeta(w_RK.to(top_k_weights_TK.dtype), order_Q, pair_token_S, pair_pos_S, input_splits,
                             output_splits, tokens_per_expert, T, J)
-        return x_QD, meta
+        return x_RD, meta
 
     def combine(self, y_QD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
         """Expert outputs -> gate-weighted sum per received row (promoted dtype, fp32 gates) ->
         back to the source -> summed per token, returned in the rows' dtype."""
         y_RD = _ScatterWeightedSum.apply(y_QD, meta.weights_RK, meta.order_Q)
+        return self._return_rows(y_RD, meta).to(y_QD.dtype)
+
+    def _return_rows(self, y_RD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
+        """One row per received pair back to its source (one all-to-all), summed per token."""
         (y_SD,) = exchange(meta.input_splits, meta.output_splits, self.group, y_RD)
-        out_TD = _SumPairs.apply(y_SD, meta.pair_token_S, meta.pair_pos_S, meta.num_tokens, meta.ranks_per_token)
-        return out_TD.to(y_QD.dtype)
+        return _SumPairs.apply(y_SD, meta.pair_token_S, meta.pair_pos_S, meta.num_tokens, meta.ranks_per_token)

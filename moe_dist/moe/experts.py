@@ -21,11 +21,12 @@ from torch import nn
 
 from moe_dist.adapters.expert_bank import ExpertLoRABank
 from moe_dist.adapters.lora import LoRAConfig
-from moe_dist.kernels.expert_loop import ExpertLoopLinear
+from moe_dist.kernels.expert_loop import ExpertLoopLinear, native_loop
+from moe_dist.kernels.expert_mlp import MLPEntries, fused_expert_mlp
 from moe_dist.kernels.grouped import add_lora_delta_, grouped_mm
 from moe_dist.recompute import recomputing
-from moe_dist.moe.activation import gated_act
-from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher
+from moe_dist.moe.activation import SILU_TYPES, gated_act
+from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher, Routes
 from moe_dist.parallel.groups import DeepSpeedExpertLayer, ExpertGroups, mark_expert_param, zero_anchor
 from moe_dist.parallel.placement import ExpertPlacement, slot_order
 from moe_dist.plan import EXPERT_PROJECTIONS, expert_proj_layout
@@ -107,6 +108,7 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
         for p in self.adapters.parameters():
             mark_expert_param(p, self.ep_size)
         self._loop_layouts: dict = {}  # projections -> the bank's loop_layout (compute_loop)
+        self._fused_entries: MLPEntries | None = None  # both projections' loop layouts (compute_fused)
 
     def reassign(self, placement: ExpertPlacement, ranks: Mapping[tuple[int, str], int]) -> None:
         """Own the experts `placement` gives this rank, with fresh adapters of the given ranks
@@ -136,19 +138,44 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
     def _apply(self, fn, recurse=True):  # keep dispatcher index tensors on the module's device
         out = super()._apply(fn, recurse)
         self.dispatcher.to(self.gate_up_proj.device)
-        self._loop_layouts = {}  # casts may replace the mask buffers
+        self._loop_layouts, self._fused_entries = {}, None  # casts may replace the mask buffers
         return out
 
     # ---- compute ----------------------------------------------------------------------
-    KERNELS = ("auto", "loop", "grouped")
+    KERNELS = ("auto", "fused", "loop", "grouped")
 
     def set_kernel(self, kernel: str) -> None:
-        """`loop`: per expert, LoRA added in place (moe_dist/kernels/expert_loop.py, the fast
-        one on CPU); `grouped`: grouped matmuls over rank buckets (one kernel each on GPU);
-        `auto`: loop for CPU tensors, grouped otherwise, by where the rows are."""
+        """`fused`: gather, both projections with their LoRA, the activation and the weighted
+        combine per expert in one compiled pass (moe_dist/kernels/expert_mlp.py: CPU, fp32,
+        SiLU-gated experts without biases); `loop`: per expert, LoRA added in place, between the
+        dispatcher's gather and combine (moe_dist/kernels/expert_loop.py); `grouped`: grouped
+        matmuls over rank buckets (one kernel each on GPU); `auto`: fused where it applies, else
+        loop for CPU tensors, grouped otherwise, by where the rows are."""
         if kernel not in self.KERNELS:
             raise ValueError(f"moe.kernel must be one of {self.KERNELS}, got {kernel!r}")
+        if kernel == "fused" and self._fused_unsupported():
+            raise ValueError(f"moe.kernel=fused: layer {self.layer} {self._fused_unsupported()}")
         self.kernel = kernel
+
+    def _fused_unsupported(self) -> str | None:
+        """Why the fused kernel cannot run these experts (None: it can)."""
+        if self.gate_fn is not None or self.gate_up_bias is not None:
+            return "has expert biases or its own gate activation (gpt-oss): use loop or grouped"
+        if not isinstance(self.act_fn, SILU_TYPES):
+            return f"activation is {type(self.act_fn).__name__}, the fused kernel computes SiLU-GLU"
+        if native_loop() is None:
+            return "needs the compiled CPU kernel, which did not build"
+        return None
+
+    def _use_fused(self, x_TD: torch.Tensor) -> bool:
+        if self.kernel not in ("auto", "fused"):
+            return False
+        dtypes = {x_TD.dtype, self.gate_up_proj.dtype, self.adapter_dtype}
+        runnable = x_TD.device.type == "cpu" and dtypes == {torch.float32}
+        if self.kernel == "fused" and not runnable:
+            raise ValueError(f"moe.kernel=fused runs fp32 on CPU; layer {self.layer} got {sorted(map(str, dtypes))} "
+                             f"on {x_TD.device.type}")
+        return runnable and self._fused_unsupported() is None
 
     def compute(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         if self.kernel == "loop" or (self.kernel == "auto" and x_MD.device.type == "cpu"):
@@ -163,6 +190,17 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
             layout = self._loop_layouts[projs] = self.adapters.loop_layout(projs)
         slots, triples = layout
         return slots, self.adapters.loop_tensors(triples, dtype)
+
+    def compute_fused(self, x_RD: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """Per local expert: gather its rows, both projections with their LoRA, SiLU-GLU, and the
+        gate-weighted sum into the source rows (moe_dist/kernels/expert_mlp.py)."""
+        gu_slots, gu_tensors = self._loop_adapters(("gate_proj", "up_proj", "gate_up_proj"), x_RD.dtype)
+        dn_slots, dn_tensors = self._loop_adapters(("down_proj",), x_RD.dtype)
+        if self._fused_entries is None:
+            self._fused_entries = MLPEntries.of(gu_slots, dn_slots, len(gu_tensors))
+        tensors = gu_tensors + dn_tensors + ([self.anchor] if self.anchor is not None else [])
+        return fused_expert_mlp(x_RD, routes.row_Q, routes.weight_Q, self.gate_up_proj, self.down_proj,
+                                routes.tokens_per_expert, self._fused_entries, tensors)
 
     def compute_loop(self, x_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Per local expert, base GEMM with its LoRA added in place (moe_dist/kernels/expert_loop.py)."""
@@ -221,6 +259,9 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
         # per token: not again when activation checkpointing recomputes the layer
         if self.training and not recomputing():
             self.count_routing(top_k_index, top_k_weights)
+        if self._use_fused(hidden_states):
+            x_RD, routes = self.dispatcher.route(hidden_states, top_k_index, top_k_weights)
+            return self.dispatcher.finish(self.compute_fused(x_RD, routes), routes)
         x_MD, meta = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights)
         y_MD = self.compute(x_MD, meta.tokens_per_expert)
         return self.dispatcher.combine(y_MD.to(hidden_states.dtype), meta)

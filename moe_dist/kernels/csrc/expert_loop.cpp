@@ -9,58 +9,9 @@
 //
 // Adapters are flattened into entries; slot s owns entries [entry_ptr[s], entry_ptr[s+1]).
 // Each slot's rows, outputs and adapter gradients are disjoint, so threads never share a write.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
+#include "slots.h"
 
-#include <algorithm>
-#include <numeric>
-#include <vector>
-
-namespace {
-
-// Slots grouped into one bin per thread, largest first onto the lightest bin (rows as cost).
-std::vector<std::vector<int64_t>> bins_by_rows(const std::vector<int64_t>& counts, int64_t nbins) {
-  std::vector<int64_t> order(counts.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return counts[a] > counts[b]; });
-  std::vector<std::vector<int64_t>> bins(nbins);
-  std::vector<int64_t> load(nbins, 0);
-  for (int64_t s : order) {
-    int64_t b = std::min_element(load.begin(), load.end()) - load.begin();
-    bins[b].push_back(s);
-    load[b] += counts[s];
-  }
-  return bins;
-}
-
-template <typename F>
-void for_each_slot(const std::vector<int64_t>& counts, F&& body) {
-  int64_t nbins = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), counts.size()));
-  if (nbins == 1) {  // one slot (attention) or one thread: plain loop, each GEMM keeps all threads
-    at::NoGradGuard no_grad;
-    for (int64_t s = 0; s < static_cast<int64_t>(counts.size()); ++s) body(s);
-    return;
-  }
-  auto bins = bins_by_rows(counts, nbins);
-  at::parallel_for(0, nbins, 1, [&](int64_t begin, int64_t end) {
-    at::NoGradGuard no_grad;
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t s : bins[b]) body(s);
-  });
-}
-
-// The output columns adapter j adds to (the whole row unless gate and up are adapted apart).
-at::Tensor adapter_cols(const at::Tensor& rows, int64_t lo, int64_t hi) {
-  return hi - lo == rows.size(1) ? rows : rows.narrow(1, lo, hi - lo);
-}
-
-std::vector<int64_t> starts_of(const std::vector<int64_t>& counts) {
-  std::vector<int64_t> starts(counts.size() + 1, 0);
-  for (size_t i = 0; i < counts.size(); ++i) starts[i + 1] = starts[i] + counts[i];
-  return starts;
-}
-
-}  // namespace
+using namespace moe_dist_kernels;
 
 // Returns [y_MO, tT_0, tT_1, ...] (one scaled t^T per entry).
 std::vector<at::Tensor> loop_forward(const at::Tensor& x_MI, const at::Tensor& w_EOI,
@@ -117,9 +68,4 @@ std::vector<at::Tensor> loop_backward(const at::Tensor& x_MI, const at::Tensor& 
     }
   });
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("loop_forward", &loop_forward, "expert loop forward (CPU)");
-  m.def("loop_backward", &loop_backward, "expert loop backward (CPU)");
 }
