@@ -167,10 +167,10 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
             return "needs the compiled CPU kernel, which did not build"
         return None
 
-    def _use_fused(self, x_TD: torch.Tensor) -> bool:
+    def _use_fused(self, x_TD: torch.Tensor, weights_TK: torch.Tensor) -> bool:
         if self.kernel not in ("auto", "fused"):
             return False
-        dtypes = {x_TD.dtype, self.gate_up_proj.dtype, self.adapter_dtype}
+        dtypes = {x_TD.dtype, weights_TK.dtype, self.gate_up_proj.dtype, self.adapter_dtype}
         runnable = x_TD.device.type == "cpu" and dtypes == {torch.float32}
         if self.kernel == "fused" and not runnable:
             raise ValueError(f"moe.kernel=fused runs fp32 on CPU; layer {self.layer} got {sorted(map(str, dtypes))} "
@@ -259,7 +259,7 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
         # per token: not again when activation checkpointing recomputes the layer
         if self.training and not recomputing():
             self.count_routing(top_k_index, top_k_weights)
-        if self._use_fused(hidden_states):
+        if self._use_fused(hidden_states, top_k_weights):
             x_RD, routes = self.dispatcher.route(hidden_states, top_k_index, top_k_weights)
             return self.dispatcher.finish(self.compute_fused(x_RD, routes), routes)
         x_MD, meta = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights)
