@@ -61,7 +61,9 @@ else
     DEVICE=cuda
     PARITY_ARGS=()
     TRAIN_ARGS=(train.steps=20)
-    LAYER_ARGS=(--rounds 11 --steps 5)
+    # (not the CPU-only comparison of the fused expert MLP with the loop kernel)
+    LAYER_ARGS=(--rounds 11 --steps 5
+                --variants moe_dist_all_experts,moe_dist_hot10,moe_dist_all_experts_split_gate_up,moe_dist_attention_only)
 fi
 mkdir -p "$RESULTS" "$WORK"
 

@@ -6,7 +6,9 @@ step (forward, backward, AdamW). Single process, EP 1, CPU fp32 (or the GPU when
 "Every expert projection" as the baseline defines it: PEFT's target_parameters puts one
 adapter on each expert's fused gate_up weight and one on down, so moe_dist's headline
 variants use lora.expert_targets=gate_up_proj,down_proj (same trainable parameters); the
-variant with separate gate and up adapters (moe_dist's default) is reported beside them.
+variant with separate gate and up adapters (moe_dist's default) is reported beside them, and
+so is the headline variant on the per-projection loop kernel (`moe.kernel=loop`, the CPU
+default before the fused expert MLP).
 Variants are interleaved round-robin so machine noise hits them alike; the figure is each
 variant's median tok/s over the baseline's median in the same run.
 
@@ -64,6 +66,17 @@ def build_moe_dist(experts_per_layer: int | None, targets: tuple[str, ...] = PEF
     return model, opt
 
 
+def with_kernel(built, kernel: str):
+    """A built moe_dist variant with every expert layer's kernel forced (moe.kernel)."""
+    from moe_dist.moe.experts import ExpertParallelExperts
+
+    model, opt = built
+    for m in model.modules():
+        if isinstance(m, ExpertParallelExperts):
+            m.set_kernel(kernel)
+    return model, opt
+
+
 BASELINE = "baseline_peft_grouped_mm"
 VARIANTS = {  # name -> builder; the baseline is always built (every figure is relative to it)
     BASELINE: lambda: build_baseline(seed=0),
@@ -71,6 +84,8 @@ VARIANTS = {  # name -> builder; the baseline is always built (every figure is r
     "moe_dist_hot10": lambda: build_moe_dist(10),
     "moe_dist_all_experts_split_gate_up": lambda: build_moe_dist(None, SPLIT_TARGETS),
     "moe_dist_attention_only": lambda: build_moe_dist(0),
+    # the CPU default is the fused expert MLP; the per-projection loop kernel it replaced, same targets
+    "moe_dist_all_experts_loop_kernel": lambda: with_kernel(build_moe_dist(None), "loop"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -149,7 +164,8 @@ def main() -> None:
     }
     for key, name in (("speedup_all_experts", "moe_dist_all_experts"), ("speedup_hot10", "moe_dist_hot10"),
                       ("speedup_all_experts_split_gate_up", "moe_dist_all_experts_split_gate_up"),
-                      ("speedup_attention_only", "moe_dist_attention_only")):
+                      ("speedup_attention_only", "moe_dist_attention_only"),
+                      ("speedup_all_experts_loop_kernel", "moe_dist_all_experts_loop_kernel")):
         if name in tps:
             result[key] = tps[name] / base
     if (args.dtype, args.device) != ("fp32", "cpu"):  # (the default run's file keeps its old fields)

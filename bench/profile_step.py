@@ -98,6 +98,7 @@ def baseline_step_fns(argv: list[str]):
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, experts_implementation="grouped_mm")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=ATTN_TARGETS,
                                              target_parameters=EXPERT_TARGETS))
+    model.train()  # from_pretrained gives eval mode: e2e_baseline.py trains in train mode
     ds = json.loads((ROOT / "ds_configs/zero2.json").read_text())
     ds.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_clipping=1.0,
               zero_allow_untested_optimizer=True)
