@@ -67,7 +67,7 @@ class FusedExpertMLP(torch.autograd.Function):
         e = entries
         out_RD, gu_Q2F, y_QD = native.mlp_forward(x_RD, row_Q, w_Q, counts, w_gu_E2FD, w_dn_EDF, e.ptr_gu, e.ptr_dn,
                                                   *e.tensors(adapters), e.lo, e.hi, e.scale)
-        ctx.counts, ctx.entries, ctx.n_adapters = counts, entries, len(adapters)
+        ctx.counts, ctx.entries = counts, entries
         ctx.save_for_backward(x_RD, row_Q, w_Q, w_gu_E2FD, w_dn_EDF, gu_Q2F, y_QD, *adapters)
         return out_RD
 
