@@ -9,6 +9,7 @@
 //
 // Adapters are flattened into entries; slot s owns entries [entry_ptr[s], entry_ptr[s+1]).
 // Each slot's rows, outputs and adapter gradients are disjoint, so threads never share a write.
+#include "kernels.h"
 #include "slots.h"
 
 using namespace moe_dist_kernels;

@@ -28,6 +28,7 @@
 // rows as it finishes; with several, experts run in parallel into slot-major buffers and one
 // sequential index_add_ (slot order) follows. Both add a token's slots in the same order, so
 // the result does not depend on the thread count.
+#include "kernels.h"
 #include "slots.h"
 
 using namespace moe_dist_kernels;

@@ -1,0 +1,33 @@
+// The CPU expert kernels' entry points, defined in expert_loop.cpp and expert_mlp.cpp and bound
+// in bindings.cpp (each definition file includes this, so the compiler checks the signatures).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+std::vector<at::Tensor> loop_forward(const at::Tensor& x_MI, const at::Tensor& w_EOI,
+                                     const std::vector<int64_t>& counts, const std::vector<int64_t>& entry_ptr,
+                                     const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B,
+                                     const std::vector<int64_t>& lo, const std::vector<int64_t>& hi,
+                                     const std::vector<double>& scale);
+std::vector<at::Tensor> loop_backward(const at::Tensor& x_MI, const at::Tensor& w_EOI, const at::Tensor& g_MO,
+                                      const std::vector<int64_t>& counts, const std::vector<int64_t>& entry_ptr,
+                                      const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B,
+                                      const std::vector<at::Tensor>& tT, const std::vector<int64_t>& lo,
+                                      const std::vector<int64_t>& hi, const std::vector<double>& scale,
+                                      bool need_x, const std::vector<bool>& need_A, const std::vector<bool>& need_B);
+bool mlp_direct_blas();
+std::vector<at::Tensor> mlp_forward(const at::Tensor& x_RD, const at::Tensor& row_Q, const at::Tensor& w_Q,
+                                    const std::vector<int64_t>& counts, const at::Tensor& w_gu_E2FD,
+                                    const at::Tensor& w_dn_EDF, const std::vector<int64_t>& ptr_gu,
+                                    const std::vector<int64_t>& ptr_dn, const std::vector<at::Tensor>& A,
+                                    const std::vector<at::Tensor>& B, const std::vector<int64_t>& lo,
+                                    const std::vector<int64_t>& hi, const std::vector<double>& scale);
+std::vector<at::Tensor> mlp_backward(const at::Tensor& g_RD, const at::Tensor& x_RD, const at::Tensor& row_Q,
+                                     const at::Tensor& w_Q, const at::Tensor& gu_Q2F, const at::Tensor& y_QD,
+                                     const std::vector<int64_t>& counts, const at::Tensor& w_gu_E2FD,
+                                     const at::Tensor& w_dn_EDF, const std::vector<int64_t>& ptr_gu,
+                                     const std::vector<int64_t>& ptr_dn, const std::vector<at::Tensor>& A,
+                                     const std::vector<at::Tensor>& B, const std::vector<int64_t>& lo,
+                                     const std::vector<int64_t>& hi, const std::vector<double>& scale, bool need_x,
+                                     bool need_w, const std::vector<bool>& need_A, const std::vector<bool>& need_B);
