@@ -180,6 +180,19 @@ class MoESection:
 
 
 @dataclass
+class AttentionSection:
+    """The attention's compute (the model's attention module itself is transformers')."""
+
+    # auto: on CPU in fp32, causal attention over the packed documents in compiled code
+    # (moe_dist/kernels/packed_attention.py) where the architecture allows (no sliding window,
+    # sinks or attention dropout), transformers' own elsewhere; or packed / hf
+    kernel: str = "auto"
+
+    def validate(self, path: str) -> None:
+        one_of(self, path, "kernel", ("auto", "packed", "hf"))
+
+
+@dataclass
 class FaultsSection:
     """What a run does when something goes wrong (README "Faults")."""
 
@@ -218,6 +231,7 @@ class CoreConfig:
     repartition: RepartitionSection = field(default_factory=RepartitionSection)
     export: ExportSection = field(default_factory=ExportSection)
     moe: MoESection = field(default_factory=MoESection)
+    attention: AttentionSection = field(default_factory=AttentionSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
 
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
@@ -233,7 +247,7 @@ class CoreConfig:
         method = method_class(self.method)
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
-        for name in ("lora", "data", "train", "eval", "checkpoint", "repartition", "moe", "faults"):
+        for name in ("lora", "data", "train", "eval", "checkpoint", "repartition", "moe", "attention", "faults"):
             getattr(self, name).validate(name)
         self.export.validate("export", method.exports_as_lora)
         method.validate(self, num_experts)

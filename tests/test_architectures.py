@@ -157,3 +157,55 @@ def test_lora_recipe_defaults_train_each_family_on_two_ranks(model_type, cache_d
 def test_moe_types_off_the_interface_are_refused_naming_why(model_type):
     with pytest.raises(UnsupportedModelError, match=f"{model_type}.*not on transformers' experts interface"):
         arch_spec(tiny_config(model_type))
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_packed_attention_equals_sdpa_wherever_auto_picks_it(model_type):
+    """attention.kernel=auto on CPU fp32 swaps transformers' sdpa attention for the packed-document
+    kernel wherever it judges the architecture covered. There, rows of packed documents give the
+    logits and every parameter's gradient (q/k/v's through the kernel's backward) of running
+    each document through the plain HF model on its own; padded batches (a 2-d mask) and
+    decoding with a cache match HF too. Elsewhere it says why and leaves transformers' own."""
+    from moe_dist.kernels import packed_attention as pa
+
+    hf = build_hf(model_type)  # eval mode: PhiMoE's router jitter is random in train mode (gradients still flow)
+    packed = copy.deepcopy(hf)
+    reason = pa.attention_unsupported(packed, torch.device("cpu"), torch.float32)
+    chosen = pa.use_attention_kernel(packed, "auto", torch.device("cpu"), torch.float32)
+    if reason is not None:
+        assert chosen == hf.config._attn_implementation != pa.NAME and len(reason) > 10
+        with pytest.raises(ValueError, match="attention.kernel=packed cannot run here"):
+            pa.use_attention_kernel(packed, "packed", torch.device("cpu"), torch.float32)
+        return
+    assert chosen == pa.NAME
+    S = 24
+    ids = torch.randint(3, 100, (2, S), generator=torch.Generator().manual_seed(0))
+    docs = [[(0, 7), (7, 16), (16, S)], [(0, 11), (11, S)]]  # per row; positions restart at each document
+    pos = torch.stack([torch.cat([torch.arange(e - s) for s, e in row]) for row in docs])
+    hf.zero_grad(set_to_none=True)
+    want = torch.zeros(2, S, hf.config.get_text_config().vocab_size)
+    for b, row in enumerate(docs):  # the oracle: each document alone through the plain HF model
+        for s, e in row:
+            logits = hf(input_ids=ids[b:b + 1, s:e], use_cache=False).logits[0]
+            (logits.float() ** 2).sum().div(want.numel()).backward()
+            want[b, s:e] = logits.detach()
+    logits = packed(input_ids=ids, position_ids=pos, use_cache=False).logits
+    (logits.float() ** 2).mean().backward()
+    tol = dict(atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+    torch.testing.assert_close(logits.detach(), want, **tol)
+    grads = {n: p.grad for n, p in packed.named_parameters() if p.grad is not None}
+    ref = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref.keys() and any("q_proj" in n or "qkv" in n or "q_a_proj" in n for n in grads)
+    for n, g in ref.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-5 * g.abs().max().item() + 1e-8, rtol=1e-4, msg=n)
+    with torch.no_grad():  # a padded batch (2-d mask) and cached decoding take transformers' sdpa path
+        mask = torch.ones_like(ids)
+        mask[1, 18:] = 0
+        try:
+            padded = hf(input_ids=ids, attention_mask=mask).logits
+        except RuntimeError:  # transformers' own sdpa path fails on this tiny config (deepseek_v2)
+            padded = None
+        if padded is not None:
+            torch.testing.assert_close(packed(input_ids=ids, attention_mask=mask).logits, padded, **tol)
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(packed.generate(ids[:1, :8], **gen), hf.generate(ids[:1, :8], **gen))

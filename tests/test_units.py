@@ -296,6 +296,49 @@ def test_cpu_expert_loop_equals_the_grouped_kernel(arch, lori, monkeypatch):
         torch.testing.assert_close(g, 2 * results["loop"][1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_packed_attention_kernel_equals_sdpa_with_the_block_causal_mask():
+    """The compiled packed-document attention against torch's sdpa with transformers-style
+    block-causal masks: documents longer than one 128-row query block, grouped key/value heads,
+    a value head dim other than the query's, transformers' transposed (strided) q/k/v, and
+    position ids shared by every row ([1, S]); output and q/k/v gradients, at 1 and 2 threads
+    (bit-identical: threads split (row, key/value head) units, not sums)."""
+    import torch.nn.functional as F
+
+    from moe_dist.kernels.expert_loop import native_loop
+    from moe_dist.kernels.packed_attention import block_causal_mask, packed_causal_attention
+
+    if native_loop() is None:
+        pytest.skip("no compiled CPU kernels here")
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, S, Dq, Dv = 3, 4, 2, 300, 16, 12
+    starts = [[0, 200], [0, 5, 6, 150], [0]]
+    pos = torch.stack([torch.cat([torch.arange(e - s) for s, e in zip(r, r[1:] + [S])]) for r in starts])
+    q = torch.randn(B, H, S, Dq, generator=g).requires_grad_()
+    k = torch.randn(B, S, KV, Dq, generator=g).transpose(1, 2).requires_grad_()  # as transformers hands them over
+    v = torch.randn(B, S, KV, Dv, generator=g).transpose(1, 2).requires_grad_()
+    g_o = torch.randn(B, S, H, Dv, generator=g)
+    for position_ids in (pos, pos[1:2]):
+        mask = block_causal_mask(position_ids, B, S)
+        want = F.scaled_dot_product_attention(q, k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1),
+                                              attn_mask=mask, scale=0.3).transpose(1, 2)
+        want_grads = torch.autograd.grad(want, (q, k, v), g_o)
+        runs = []
+        threads = torch.get_num_threads()
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            try:
+                got = packed_causal_attention(q, k, v, position_ids, 0.3)
+                runs.append((got, torch.autograd.grad(got, (q, k, v), g_o)))
+            finally:
+                torch.set_num_threads(threads)
+        torch.testing.assert_close(runs[0][0], want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(runs[0][1], want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert torch.equal(runs[0][0], runs[1][0]) and all(map(torch.equal, runs[0][1], runs[1][1]))
+    with pytest.raises(ValueError, match="position ids of shape"):
+        packed_causal_attention(q, k, v, pos[:, :10], 0.3)
+
+
 def test_fused_gate_up_target_is_validated():
     from moe_dist.config import ConfigError, RunConfig, load_config
 

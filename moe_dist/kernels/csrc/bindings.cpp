@@ -1,4 +1,4 @@
-// The CPU expert kernels' Python bindings (one extension: expert_loop.cpp, expert_mlp.cpp).
+// The CPU kernels' Python bindings (one extension: expert_loop.cpp, expert_mlp.cpp, packed_attention.cpp).
 #include <torch/extension.h>
 
 #include "kernels.h"
@@ -9,4 +9,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlp_forward", &mlp_forward, "fused expert MLP forward: gather, gate_up, SiLU-GLU, down, weighted scatter-add (CPU)");
   m.def("mlp_direct_blas", &mlp_direct_blas, "whether the fused expert MLP calls BLAS's sgemm directly");
   m.def("mlp_backward", &mlp_backward, "fused expert MLP backward (CPU)");
+  m.def("packed_attention_forward", &packed_attention_forward, "causal attention over packed documents (CPU)");
+  m.def("packed_attention_backward", &packed_attention_backward, "packed-document attention backward (CPU)");
 }

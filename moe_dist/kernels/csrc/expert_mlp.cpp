@@ -28,37 +28,13 @@
 // rows as it finishes; with several, experts run in parallel into slot-major buffers and one
 // sequential index_add_ (slot order) follows. Both add a token's slots in the same order, so
 // the result does not depend on the thread count.
+#include "blas.h"
 #include "kernels.h"
 #include "slots.h"
 
 using namespace moe_dist_kernels;
 
 namespace {
-
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
-
-// Row-major C (m x n, ldc) = alpha op(A) op(B) + beta C, op(A) m x k, op(B) k x n; `ta`/`tb`: the
-// operand is stored transposed. BLAS is column-major, so it computes C^T = op(B)^T op(A)^T.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (sgemm_ != nullptr) {
-    const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
-    const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
-    const int LDA = static_cast<int>(lda), LDB = static_cast<int>(ldb), LDC = static_cast<int>(ldc);
-    sgemm_(&opb, &opa, &N, &M, &K, &alpha, B, &LDB, A, &LDA, &beta, C, &LDC);
-    return;
-  }
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  auto a = ta ? at::from_blob(const_cast<float*>(A), {k, m}, {lda, 1}, opts).t()
-              : at::from_blob(const_cast<float*>(A), {m, k}, {lda, 1}, opts);
-  auto b = tb ? at::from_blob(const_cast<float*>(B), {n, k}, {ldb, 1}, opts).t()
-              : at::from_blob(const_cast<float*>(B), {k, n}, {ldb, 1}, opts);
-  auto c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
-  c.mul_(beta).add_(at::mm(a, b), alpha);
-}
 
 // A row-major block of floats: element (i, j) at p[i * ld + j].
 struct Rows {
@@ -168,7 +144,7 @@ void check_inputs(const at::Tensor& x_RD, const at::Tensor& row_Q, const at::Ten
 }  // namespace
 
 // Whether the products call BLAS directly (false: through at::mm, where torch exports no sgemm).
-bool mlp_direct_blas() { return sgemm_ != nullptr; }
+bool mlp_direct_blas() { return direct_blas(); }
 
 // Returns [out_RD, gate_up_Q2F (pre-activation), y_QD (unweighted expert outputs)].
 std::vector<at::Tensor> mlp_forward(const at::Tensor& x_RD, const at::Tensor& row_Q, const at::Tensor& w_Q,

@@ -1,4 +1,4 @@
-// The CPU expert kernels' entry points, defined in expert_loop.cpp and expert_mlp.cpp and bound
+// The CPU kernels' entry points, defined in expert_loop.cpp, expert_mlp.cpp and packed_attention.cpp, bound
 // in bindings.cpp (each definition file includes this, so the compiler checks the signatures).
 #pragma once
 #include <ATen/ATen.h>
@@ -31,3 +31,8 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_RD, const at::Tensor& x
                                      const std::vector<at::Tensor>& B, const std::vector<int64_t>& lo,
                                      const std::vector<int64_t>& hi, const std::vector<double>& scale, bool need_x,
                                      bool need_w, const std::vector<bool>& need_A, const std::vector<bool>& need_B);
+std::vector<at::Tensor> packed_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& position_ids, double scale);
+std::vector<at::Tensor> packed_attention_backward(const at::Tensor& g_o, const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
+                                                  const at::Tensor& position_ids, double scale);
