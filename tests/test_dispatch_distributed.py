@@ -67,3 +67,52 @@ def test_dispatch_combine_match_dense_reference(world, dtype_name):
 @pytest.mark.parametrize("case", ["empty_rank", "all_to_rank0"])
 def test_dispatch_with_ranks_that_send_or_receive_nothing(case):
     run_distributed(_check, 2, "float32", case)
+
+
+def _check_host_exchange(rank: int, world: int) -> None:
+    """The shared-memory exchange against gloo's all_to_all_single: random uneven splits
+    (zeros included), fp32 and int64 rows, messages past the first outbox (it grows), many calls
+    in a row; no file of its left in /dev/shm; a peer that never arrives is named in bounded time."""
+    import time
+
+    import torch.distributed as dist
+
+    from moe_dist.parallel import host_exchange as hx
+
+    group = dist.new_group(list(range(world)))
+    exchange = hx.host_exchange(group)
+    assert exchange is not None, "CPU ranks of one host with /dev/shm: the shared-memory exchange must be used"
+    assert not list(hx.SHM_DIR.glob(exchange.base.name + "*")), "setup leaves no file behind"
+    g = torch.Generator().manual_seed(5)  # the same on every rank: everyone knows every split
+    for call in range(12):
+        rows = 3000 if call == 7 else 40  # 3000 rows x 130 floats: past the 1 MiB first outbox
+        splits = torch.randint(0, rows, (world, world), generator=g)
+        splits[call % world, (call + 1) % world] = 0
+        dtype = torch.int64 if call % 3 == 2 else torch.float32
+        width = 1 if dtype == torch.int64 else 130
+        inp = (torch.randn(int(splits[rank].sum()), width, generator=torch.Generator().manual_seed(call * 10 + rank))
+               * 1000).to(dtype)
+        outs = []
+        for fn in (dist.all_to_all_single, hx.all_to_all_single):
+            out = torch.empty(int(splits[:, rank].sum()), width, dtype=dtype)
+            fn(out, inp, splits[:, rank].tolist(), splits[rank].tolist(), group=group)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), (call, rank)
+    gens = [None] * world
+    dist.all_gather_object(gens, exchange.gen, group=group)
+    assert max(gens) >= 1, "the 3000-row call outgrew the first outbox: a new generation was mapped"
+    dist.barrier(group)
+    exchange.close()
+    assert not list(hx.SHM_DIR.glob(exchange.base.name + "*"))
+    # a peer that never arrives: named, in about the timeout
+    exchange.timeout_s = 1.0
+    if rank == 0:
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match=r"EP rank 1 \(global rank 1\) did not arrive within 1 s"):
+            exchange.all_to_all(torch.empty(1, 1), torch.ones(1, 1), [1, 0], [1, 0])
+        assert time.perf_counter() - t0 < 10
+    dist.barrier()
+
+
+def test_host_exchange_equals_gloo_and_names_a_missing_peer():
+    run_distributed(_check_host_exchange, 2)

@@ -21,6 +21,9 @@ takes `route` (dispatch without the expansion: rows, and each slot's row and gat
 Dispatchers keep no per-call state: `dispatch` returns a frozen meta that `combine` takes
 back, so two layers, activation recompute or re-entrant calls cannot clash. Every reduction
 has a fixed order (no atomics), so results do not depend on the device's scheduling.
+The exchanges go through moe_dist/parallel/host_exchange.py: shared memory for CPU ranks of
+one host (gloo's fixed cost per collective is most of expert parallelism's there), else
+torch.distributed.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from deepspeed.moe.ep_count import count_tokens_per_expert
+
+from moe_dist.parallel.host_exchange import all_to_all_single
 
 
 @dataclass(frozen=True)
@@ -77,12 +82,12 @@ def _all_to_all_rows(xs: tuple[torch.Tensor, ...], output_splits: list[int], inp
         widths = [x.shape[1] for x in xs]
         packed = torch.cat(xs, 1) if len(xs) > 1 else xs[0].contiguous()
         out = packed.new_empty(sum(output_splits), sum(widths))
-        dist.all_to_all_single(out, packed, output_splits, input_splits, group=group)
+        all_to_all_single(out, packed, output_splits, input_splits, group)
         return list(out.split(widths, 1))
     outs = []
     for x in xs:
         out = x.new_empty(sum(output_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        all_to_all_single(out, x.contiguous(), output_splits, input_splits, group)
         outs.append(out)
     return outs
 
@@ -323,8 +328,7 @@ class AllToAllDispatcher:
         send[self.pos_pairs_P + 1] = slots_P
         send[self.pos_keys_E] = count_tokens_per_expert(key_TK.reshape(-1), self.num_experts).long()
         recv_P2e = torch.empty(P * (2 + e), dtype=torch.long, device=dev)
-        dist.all_to_all_single(recv_P2e, send, output_split_sizes=[2 + e] * P, input_split_sizes=self.count_splits,
-                               group=self.group)
+        all_to_all_single(recv_P2e, send, [2 + e] * P, self.count_splits, self.group)
         recv_P2e = recv_P2e.view(P, 2 + e)
         return torch.cat((pairs_P, slots_P, recv_P2e[:, 0], recv_P2e[:, 2:].sum(0))).tolist()
 

@@ -1,5 +1,6 @@
-// The CPU kernels' entry points, defined in expert_loop.cpp, expert_mlp.cpp and packed_attention.cpp, bound
-// in bindings.cpp (each definition file includes this, so the compiler checks the signatures).
+// The CPU kernels' entry points, defined in expert_loop.cpp, expert_mlp.cpp, packed_attention.cpp and
+// host_sync.cpp, bound in bindings.cpp (each definition file includes this, so the compiler checks the
+// signatures).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -36,3 +37,6 @@ std::vector<at::Tensor> packed_attention_forward(const at::Tensor& q, const at::
 std::vector<at::Tensor> packed_attention_backward(const at::Tensor& g_o, const at::Tensor& q, const at::Tensor& k,
                                                   const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
                                                   const at::Tensor& position_ids, double scale);
+void flag_store(const at::Tensor& flags, int64_t index, int64_t value);
+int64_t flags_wait(const at::Tensor& flags, int64_t first, int64_t stride, int64_t count, int64_t skip, int64_t value,
+                   double timeout_s);
