@@ -180,16 +180,20 @@ class MoESection:
 
 
 @dataclass
-class AttentionSection:
-    """The attention's compute (the model's attention module itself is transformers')."""
+class KernelsSection:
+    """The compute of the model's dense parts (the modules themselves stay transformers')."""
 
     # auto: on CPU in fp32, causal attention over the packed documents in compiled code
     # (moe_dist/kernels/packed_attention.py) where the architecture allows (no sliding window,
     # sinks or attention dropout), transformers' own elsewhere; or packed / hf
-    kernel: str = "auto"
+    attention: str = "auto"
+    # auto: on CPU in fp32, each RMSNorm that computes w * x / rms(x) in one compiled pass
+    # forward and backward (moe_dist/kernels/rms_norm.py); or fused / hf
+    rms_norm: str = "auto"
 
     def validate(self, path: str) -> None:
-        one_of(self, path, "kernel", ("auto", "packed", "hf"))
+        one_of(self, path, "attention", ("auto", "packed", "hf"))
+        one_of(self, path, "rms_norm", ("auto", "fused", "hf"))
 
 
 @dataclass
@@ -231,7 +235,7 @@ class CoreConfig:
     repartition: RepartitionSection = field(default_factory=RepartitionSection)
     export: ExportSection = field(default_factory=ExportSection)
     moe: MoESection = field(default_factory=MoESection)
-    attention: AttentionSection = field(default_factory=AttentionSection)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
 
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
@@ -247,7 +251,7 @@ class CoreConfig:
         method = method_class(self.method)
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
-        for name in ("lora", "data", "train", "eval", "checkpoint", "repartition", "moe", "attention", "faults"):
+        for name in ("lora", "data", "train", "eval", "checkpoint", "repartition", "moe", "kernels", "faults"):
             getattr(self, name).validate(name)
         self.export.validate("export", method.exports_as_lora)
         method.validate(self, num_experts)

@@ -161,7 +161,7 @@ def test_moe_types_off_the_interface_are_refused_naming_why(model_type):
 
 @pytest.mark.parametrize("model_type", SUPPORTED)
 def test_packed_attention_equals_sdpa_wherever_auto_picks_it(model_type):
-    """attention.kernel=auto on CPU fp32 swaps transformers' sdpa attention for the packed-document
+    """kernels.attention=auto on CPU fp32 swaps transformers' sdpa attention for the packed-document
     kernel wherever it judges the architecture covered. There, rows of packed documents give the
     logits and every parameter's gradient (q/k/v's through the kernel's backward) of running
     each document through the plain HF model on its own; padded batches (a 2-d mask) and
@@ -174,7 +174,7 @@ def test_packed_attention_equals_sdpa_wherever_auto_picks_it(model_type):
     chosen = pa.use_attention_kernel(packed, "auto", torch.device("cpu"), torch.float32)
     if reason is not None:
         assert chosen == hf.config._attn_implementation != pa.NAME and len(reason) > 10
-        with pytest.raises(ValueError, match="attention.kernel=packed cannot run here"):
+        with pytest.raises(ValueError, match="kernels.attention=packed cannot run here"):
             pa.use_attention_kernel(packed, "packed", torch.device("cpu"), torch.float32)
         return
     assert chosen == pa.NAME
@@ -209,3 +209,29 @@ def test_packed_attention_equals_sdpa_wherever_auto_picks_it(model_type):
             torch.testing.assert_close(packed(input_ids=ids, attention_mask=mask).logits, padded, **tol)
         gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert torch.equal(packed.generate(ids[:1, :8], **gen), hf.generate(ids[:1, :8], **gen))
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_fused_rms_norm_equals_transformers_wherever_auto_swaps_it(model_type):
+    """kernels.rms_norm=auto swaps the forward of every RMSNorm module whose formula the
+    compiled kernel computes (checked per module): the model's logits and every parameter's
+    gradient (the norms' weights included, through the kernel's backward) stay transformers'."""
+    from moe_dist.kernels.rms_norm import use_norm_kernel
+
+    hf = build_hf(model_type)
+    fused = copy.deepcopy(hf)
+    swapped = use_norm_kernel(fused, "auto", torch.device("cpu"), torch.float32)
+    norms = [m for m in hf.modules() if type(m).__name__.endswith("RMSNorm")]
+    if model_type in ("olmoe", "mixtral", "qwen3_moe", "deepseek_v3"):
+        assert swapped == len(norms) > 0, (swapped, len(norms))
+    assert swapped <= len(norms)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for model in (hf, fused):
+        logits = model(input_ids=ids, use_cache=False).logits
+        (logits.float() ** 2).mean().backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5 * outs[0][0].abs().max().item(), rtol=1e-4)
+    assert outs[1][1].keys() == outs[0][1].keys() and any("norm" in n for n in outs[0][1])
+    for n, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][n], g, atol=1e-5 * g.abs().max().item() + 1e-8, rtol=1e-4, msg=n)

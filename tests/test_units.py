@@ -339,6 +339,33 @@ def test_packed_attention_kernel_equals_sdpa_with_the_block_causal_mask():
         packed_causal_attention(q, k, v, pos[:, :10], 0.3)
 
 
+def test_fused_rms_norm_swaps_only_modules_with_its_formula():
+    """A module named *RMSNorm that computes (1 + w) * x / rms(x) (Gemma-style) keeps its own
+    forward; kernels.rms_norm=fused says why when nothing matches; the swapped forward falls
+    back to the module's own off CPU fp32 (here: float64)."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
+
+    from moe_dist.kernels.rms_norm import swappable, use_norm_kernel
+
+    class OffsetRMSNorm(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.zeros(d)), 1e-6
+
+        def forward(self, x):
+            return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    model = torch.nn.Sequential(OlmoeRMSNorm(16), OffsetRMSNorm(16))
+    model[0].weight.data.normal_()
+    assert swappable(model[0]) and not swappable(model[1])
+    assert use_norm_kernel(model, "auto", torch.device("cpu"), torch.float32) == 1
+    assert "forward" in vars(model[0]) and "forward" not in vars(model[1])
+    with pytest.raises(ValueError, match="kernels.rms_norm=fused cannot run here: no RMSNorm module matches"):
+        use_norm_kernel(torch.nn.Sequential(OffsetRMSNorm(4)), "fused", torch.device("cpu"), torch.float32)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(model[0].double()(x), OlmoeRMSNorm.forward(model[0], x))
+
+
 def test_fused_gate_up_target_is_validated():
     from moe_dist.config import ConfigError, RunConfig, load_config
 

@@ -37,8 +37,8 @@ _native_tried = False
 
 
 def native_loop():
-    """The compiled CPU kernels (this loop, the fused expert MLP, packed attention, the host
-    exchange's flags: one extension), or None where they cannot be built (no compiler, or
+    """The compiled CPU kernels (this loop, the fused expert MLP, packed attention, RMSNorm,
+    the host exchange's flags: one extension), or None where they cannot be built (no compiler, or
     disabled)."""
     global _native_module, _native_tried
     if not _native_tried:
@@ -52,7 +52,7 @@ def native_loop():
                 _native_module = load(name="moe_dist_expert_loop",
                                       sources=[str(csrc / f) for f in ("bindings.cpp", "expert_loop.cpp",
                                                                        "expert_mlp.cpp", "packed_attention.cpp",
-                                                                       "host_sync.cpp")],
+                                                                       "rms_norm.cpp", "host_sync.cpp")],
                                       extra_include_paths=[str(csrc)],
                                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
             except Exception as exc:  # no compiler, no ninja, ...: the Python loop is the same math

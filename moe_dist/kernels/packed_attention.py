@@ -21,7 +21,7 @@ Where documents are told apart by position ids alone, the semantics are those of
 transformers' packed-sequence mask (`find_packed_sequence_indices`): a document starts where a
 position id is not the previous one plus one. `attention_unsupported` names what the kernel
 does not cover (sliding windows, sinks, dropout, non-CPU or non-fp32); `use_attention_kernel`
-applies the run's `attention.kernel` choice.
+applies the run's `kernels.attention` choice.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if kwargs.get("sliding_window") is not None or kwargs.get("s_aux") is not None or kwargs.get("softcap"):
-        raise ValueError(f"{NAME} attention got a sliding window, sinks or a softcap: attention.kernel=hf runs it")
+        raise ValueError(f"{NAME} attention got a sliding window, sinks or a softcap: kernels.attention=hf runs it")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     position_ids = kwargs.get("position_ids")
     if query.device.type != "cpu" or query.dtype != torch.float32 or native_loop() is None or dropout:
@@ -148,16 +148,16 @@ def attention_unsupported(model: torch.nn.Module, device: torch.device, dtype: t
 
 
 def use_attention_kernel(model: torch.nn.Module, kernel: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Apply `attention.kernel` (auto: packed where supported, else transformers' own; packed:
+    """Apply `kernels.attention` (auto: packed where supported, else transformers' own; packed:
     raise naming why it cannot run; hf: transformers' own). Returns the implementation used."""
     if kernel not in KERNELS:
-        raise ValueError(f"attention.kernel must be one of {KERNELS}, got {kernel!r}")
+        raise ValueError(f"kernels.attention must be one of {KERNELS}, got {kernel!r}")
     if kernel == "hf":
         return model.config._attn_implementation
     reason = attention_unsupported(model, device, dtype)
     if reason is not None:
         if kernel == "packed":
-            raise ValueError(f"attention.kernel=packed cannot run here: {reason}")
+            raise ValueError(f"kernels.attention=packed cannot run here: {reason}")
         return model.config._attn_implementation
     register()
     model.set_attn_implementation(NAME)

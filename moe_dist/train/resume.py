@@ -17,7 +17,7 @@ from moe_dist.validation import ConfigError
 FREE_ON_RESUME = ("output_dir", "cache_dir", "ep_size", "ds_config", "dist_timeout_s", "train.steps", "train.lr",
                   "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.grad_clip",
                   "train.log_every", "data.eval", "data.eval_split", "eval.", "checkpoint.", "export.",
-                  "repartition.", "moe.", "attention.", "faults.")
+                  "repartition.", "moe.", "kernels.", "faults.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -16,6 +16,7 @@ from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.config import RunConfig
 from moe_dist.data.dataset import DataError, RowEncoder, encode_dataset, load_rows
 from moe_dist.kernels.packed_attention import use_attention_kernel
+from moe_dist.kernels.rms_norm import use_norm_kernel
 from moe_dist.models.arch import is_moe
 from moe_dist.models.convert import convert_dense_model
 from moe_dist.models.loading import load_model, resolve_checkpoint
@@ -101,7 +102,7 @@ def references_longer_than(tokenizer, references: list[str], max_new_tokens: int
 def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int, device: torch.device,
                 bf16: bool, placements: dict[int, ExpertPlacement] | None = None) -> torch.nn.Module:
     """The converted model: frozen base (bf16 on GPU, fp32 on CPU) + fp32 adapters from `plan`,
-    its expert kernel chosen from `moe.kernel`, its attention's from `attention.kernel`."""
+    its expert kernel chosen from `moe.kernel`, its attention's and norms' from `kernels`."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     lora = LoRAConfig(alpha=cfg.lora.alpha, rslora=cfg.lora.rslora, seed=cfg.seed)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -116,7 +117,8 @@ def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int
                            lora=lora)
     for experts in experts_modules(model).values():
         experts.set_kernel(cfg.moe.kernel)
-    use_attention_kernel(model, cfg.attention.kernel, device, dtype)
+    use_attention_kernel(model, cfg.kernels.attention, device, dtype)
+    use_norm_kernel(model, cfg.kernels.rms_norm, device, dtype)
     model.config.use_cache = False
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)

@@ -1,5 +1,5 @@
-// The CPU kernels' entry points, defined in expert_loop.cpp, expert_mlp.cpp, packed_attention.cpp and
-// host_sync.cpp, bound in bindings.cpp (each definition file includes this, so the compiler checks the
+// The CPU kernels' entry points, defined in expert_loop.cpp, expert_mlp.cpp, packed_attention.cpp,
+// rms_norm.cpp and host_sync.cpp, bound in bindings.cpp (each definition file includes this, so the compiler checks the
 // signatures).
 #pragma once
 #include <ATen/ATen.h>
@@ -40,3 +40,6 @@ std::vector<at::Tensor> packed_attention_backward(const at::Tensor& g_o, const a
 void flag_store(const at::Tensor& flags, int64_t index, int64_t value);
 int64_t flags_wait(const at::Tensor& flags, int64_t first, int64_t stride, int64_t count, int64_t skip, int64_t value,
                    double timeout_s);
+std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x_ND, const at::Tensor& w_D, double eps);
+std::vector<at::Tensor> rms_norm_backward(const at::Tensor& g_ND, const at::Tensor& x_ND, const at::Tensor& w_D,
+                                          const at::Tensor& r_N, bool need_w);
