@@ -92,6 +92,9 @@ class TrainSection:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
     log_every: int = 5
+    # routing figures (TensorBoard images) every this many steps and after the last (0: only
+    # after the last): each takes ~0.2 s of rank 0, which every other rank waits for
+    figures_every: int = 100
     # recompute decoder layers in backward (keeps only each layer's input): activations of
     # long sequences fit; costs about one more forward per step (moe_dist/recompute.py)
     activation_checkpointing: bool = False
@@ -101,7 +104,7 @@ class TrainSection:
 
     def validate(self, path: str) -> None:
         positive(self, path, "steps", "micro_batch", "grad_accum", "log_every")
-        non_negative(self, path, "lr", "warmup_steps", "weight_decay", "grad_clip")
+        non_negative(self, path, "lr", "warmup_steps", "weight_decay", "grad_clip", "figures_every")
         one_of(self, path, "precision", ("auto", "bf16", "fp32"))
         fraction(self, path, "min_lr_ratio", closed=True)
         if self.warmup_steps > self.steps:

@@ -306,7 +306,7 @@ class Trainer:
             logger.eval(self.step, before)
         losses, times, self.step_ends = [], [], []  # step_ends: wall clock at each step's end (bench/e2e.py)
         t_log, steps_since_log = time.perf_counter(), 0
-        t_run = t_log
+        t_run, figures = t_log, None
         collect_routing_stats(self.model)  # reset counters touched by evaluation
         self.log_plan()
         self.memory = StepMemory(self.device)  # from the end of the first step: lazy optimizer state is not a step's
@@ -330,7 +330,10 @@ class Trainer:
                                         "grad_norm": float(self.ds.engine.get_global_grad_norm() or 0.0),
                                         "tokens_per_sec": tokens_per_step * steps_since_log / elapsed,
                                         "trainable_params": self.trainable_total})
-                logger.routing(self.step, stats)
+                figures = stats  # the latest window's routing, drawn every figures_every steps and at the end
+                if cfg.train.figures_every and self.step % cfg.train.figures_every == 0:
+                    logger.routing(self.step, stats)
+                    figures = None
                 t_log, steps_since_log = time.perf_counter(), 0
             self.decide()  # (part of the step: a resume starts after it)
             if self.stop_now:  # every rank, this step: checkpoint and go, no evaluation
@@ -340,6 +343,8 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
                 logger.print(f"checkpoint {self.save()}")
             self.step_ends.append(round(time.perf_counter() - t_run, 6))
+        if figures is not None:
+            logger.routing(self.step, figures)
         after = None if self.stop.requested else self.evaluate()  # a stop arriving now: save first
         if after:
             logger.eval(self.step, after)
