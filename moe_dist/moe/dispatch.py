@@ -21,9 +21,7 @@ takes `route` (dispatch without the expansion: rows, and each slot's row and gat
 Dispatchers keep no per-call state: `dispatch` returns a frozen meta that `combine` takes
 back, so two layers, activation recompute or re-entrant calls cannot clash. Every reduction
 has a fixed order (no atomics), so results do not depend on the device's scheduling.
-The exchanges go through moe_dist/parallel/host_exchange.py: shared memory for CPU ranks of
-one host (gloo's fixed cost per collective is most of expert parallelism's there), else
-torch.distributed.
+Exchanges: moe_dist/parallel/host_exchange.py (shared memory for CPU ranks of one host).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ Protocol of call n (the same sequence on every rank, as for any collective):
 3. publish seq = n; wait for every peer's seq >= n;
 4. copy this rank's chunk out of each peer's outbox (mapping a new generation when the peer
    grew), checking its size against the expected split; acknowledge n.
-A peer that does not arrive within the group's timeout is named in the error. Files are
+A peer whose process is gone is named at once; one that does not arrive within the group's
+timeout is named as timed out (launch/train.py then names the unresponsive ranks). Files are
 unlinked as soon as every rank has mapped them, so nothing is left in /dev/shm.
 """
 
@@ -29,6 +30,7 @@ import atexit
 import math
 import mmap
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -36,11 +38,13 @@ import torch
 import torch.distributed as dist
 
 from moe_dist.kernels.expert_loop import native_loop
+from moe_dist.procfs import running
 
 SHM_DIR = Path("/dev/shm")
 SLOT = 16  # int64s of control per rank: 128 bytes, seq and ack on their own cache lines
 SEQ, GEN, ACK = 0, 1, 8
 FIRST_CAPACITY = 1 << 20
+WAIT_SLICE_S = 0.2  # how often a wait checks its peers' processes
 
 
 def _map(path: Path, size: int | None = None) -> tuple[mmap.mmap, torch.Tensor]:
@@ -80,6 +84,7 @@ class HostExchange:
         self.calls = 0
         self.header = 2 * self.P * 8  # per destination: byte offset, byte count
         self.maps: dict[Path, mmap.mmap] = {}  # keep every mapping alive while its tensor is used
+        self.pids: list[int | None] = []  # the group's ranks' (one host): a wait notices a peer that is gone
         self.peer_gen = [0] * self.P
         self.peer_buf: list[torch.Tensor | None] = [None] * self.P
         self.unlink_after: list[tuple[int, Path]] = []  # (call, path): unlink once every peer acked it
@@ -112,6 +117,10 @@ class HostExchange:
                 if r != self.me:
                     self.peer_buf[r] = self._open(self._outbox(r, 0))
 
+        pids = [None] * self.P
+        dist.all_gather_object(pids, os.getpid(), group=self.group)
+        # a peer in another PID namespace (a container sharing only /dev/shm) is not checked
+        self.pids = [p if r == self.me or running(p) else None for r, p in enumerate(pids)]
         ok = self._agree(create) and self._agree(attach)
         if self.me == 0:  # every rank has mapped every file, or given up: the names can go
             ctl.unlink(missing_ok=True)
@@ -133,10 +142,22 @@ class HostExchange:
 
     # ---- the exchange -----------------------------------------------------------------------
     def _wait(self, field: int, value: int, what: str) -> None:
-        late = self.native.flags_wait(self.ctl_i64, field, SLOT, self.P, self.me, value, self.timeout_s)
-        if late >= 0:
-            raise RuntimeError(f"moe_dist host exchange (call {value}, {what}): EP rank {late} (global rank "
-                               f"{self.ranks[late]}) did not arrive within {self.timeout_s:.0f} s")
+        """Every peer's flag `field` >= value. In slices of at most WAIT_SLICE_S: between them a
+        peer whose process is gone ends the wait at once (gloo's socket would have said so),
+        and pending signals (a SIGTERM's stop request) get handled."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            late = self.native.flags_wait(self.ctl_i64, field, SLOT, self.P, self.me, value,
+                                          max(0.0, min(WAIT_SLICE_S, left)))
+            if late < 0:
+                return
+            if self.pids[late] is not None and not running(self.pids[late]):
+                raise RuntimeError(f"moe_dist host exchange ({what}): the process of EP rank {late} (global rank "
+                                   f"{self.ranks[late]}, pid {self.pids[late]}) is gone")
+            if left <= 0:
+                raise RuntimeError(f"moe_dist host exchange timed out after {self.timeout_s:.0f} s ({what}): EP rank "
+                                   f"{late} (global rank {self.ranks[late]}) did not arrive")
 
     def _grow(self, need: int) -> None:
         self.gen += 1

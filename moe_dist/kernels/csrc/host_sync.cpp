@@ -1,10 +1,23 @@
 // Flags in memory shared by the processes of one host, for moe_dist/parallel/host_exchange.py:
 // a release store after a rank wrote its message, an acquire wait before its peers read it.
 // (Python has no atomics; torch's copies between these calls are ordered by them on any CPU.)
+//
+// A waiter spins briefly (a peer on its own core is usually microseconds away), then sleeps on
+// the flag with a futex (Linux), which the storer wakes: when ranks outnumber cores, a spinning
+// waiter would take the core its peer needs to arrive.
+#include <algorithm>
 #include <chrono>
+#include <climits>
 #include <thread>
 
 #include "kernels.h"
+
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -16,16 +29,34 @@ inline void cpu_relax() {
 #endif
 }
 
+// The futex word is the flag's low 32 bits (little-endian: its first 4 bytes); sequence numbers
+// stay far below 2^31.
+inline int* futex_word(const int64_t* flag) { return reinterpret_cast<int*>(const_cast<int64_t*>(flag)); }
+
+// Sleep until the flag's low word differs from `seen`, a wake, or `seconds`.
+inline void sleep_on(const int64_t* flag, int64_t seen, double seconds) {
+#ifdef __linux__
+  timespec ts{static_cast<time_t>(seconds), static_cast<long>((seconds - static_cast<time_t>(seconds)) * 1e9)};
+  syscall(SYS_futex, futex_word(flag), FUTEX_WAIT, static_cast<int>(seen), &ts, nullptr, 0);
+#else
+  (void)flag, (void)seen, (void)seconds;
+  std::this_thread::yield();
+#endif
+}
+
 }  // namespace
 
 void flag_store(const at::Tensor& flags, int64_t index, int64_t value) {
-  __atomic_store_n(flags.data_ptr<int64_t>() + index, value, __ATOMIC_RELEASE);
+  int64_t* flag = flags.data_ptr<int64_t>() + index;
+  __atomic_store_n(flag, value, __ATOMIC_RELEASE);
+#ifdef __linux__
+  syscall(SYS_futex, futex_word(flag), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+#endif
 }
 
-// Wait until flags[first + r * stride] >= value for every r < count except `skip`: spin a
-// little (the peer is usually microseconds away), then yield the core (ranks may outnumber
-// cores). Returns -1, or the first r still short after `timeout_s`. Called without the GIL, so
-// the rank's heartbeat thread keeps running while it waits.
+// Wait until flags[first + r * stride] >= value for every r < count except `skip`. Returns -1,
+// or the first r still short after `timeout_s`. Called without the GIL, so the rank's
+// heartbeat thread keeps running while it waits.
 int64_t flags_wait(const at::Tensor& flags, int64_t first, int64_t stride, int64_t count, int64_t skip, int64_t value,
                    double timeout_s) {
   const int64_t* p = flags.data_ptr<int64_t>();
@@ -33,16 +64,12 @@ int64_t flags_wait(const at::Tensor& flags, int64_t first, int64_t stride, int64
   for (int64_t r = 0; r < count; ++r) {
     if (r == skip) continue;
     const int64_t* f = p + first + r * stride;
-    for (uint64_t spins = 0; __atomic_load_n(f, __ATOMIC_ACQUIRE) < value; ++spins) {
-      if (spins < 4096) {
-        cpu_relax();
-        continue;
-      }
-      std::this_thread::yield();
-      if ((spins & 1023) == 0 &&
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > timeout_s) {
-        return r;
-      }
+    for (int spins = 0; spins < 2048 && __atomic_load_n(f, __ATOMIC_ACQUIRE) < value; ++spins) cpu_relax();
+    for (int64_t seen; (seen = __atomic_load_n(f, __ATOMIC_ACQUIRE)) < value;) {
+      const double left =
+          timeout_s - std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (left <= 0) return r;
+      sleep_on(f, seen, std::min(left, 0.01));
     }
   }
   return -1;
