@@ -10,7 +10,9 @@ EP 1 (DP = world). The baseline runs twice, as launched (torch's default threads
 and with OMP_NUM_THREADS = cores / ranks, and the better of the two is the reference.
 Runs are interleaved (rotating order per repeat), tokens/s is taken over the steps after
 warm-up from each step's wall-clock end (everything in the loop: data, forward, backward,
-ZeRO step, the trainer's per-step work), the median over repeats is reported.
+ZeRO step, the trainer's per-step work), the median over repeats is reported, and beside it
+the median of each repeat's ratio to the reference's run in the same repeat (the runs of one
+repeat are adjacent in time, so the machine's drift between repeats cancels).
 
 Each row also gets the step's necessary FLOPs (frozen weights: forward + input gradient;
 adapters: forward + both gradients; attention scores) and the fraction of the GEMM-bound
@@ -130,6 +132,12 @@ def tokens_per_sec(ends: list[float], tokens_per_step: int, warmup: int) -> floa
     return tokens_per_step * (len(ends) - warmup) / (ends[-1] - ends[warmup - 1])
 
 
+def paired_ratio(runs: list[dict], reference: list[dict]) -> dict[str, float]:
+    """Median, min and max over repeats of run i's tokens/s over the reference's run i."""
+    r = [a["tokens_per_sec"] / b["tokens_per_sec"] for a, b in zip(runs, reference)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+
 def run_moe_dist(model: str, shape: str, ep: int, world: int, work: Path, env: dict) -> dict:
     mb, seq, steps, warm = SHAPES[shape]
     out = work / f"moe_dist_{shape}_ep{ep}"
@@ -203,15 +211,19 @@ def main() -> None:
             "step_gflop": flops_tok * mb * seq * world / 1e9, "gemm_bound_tokens_per_sec": limit,
             "reference": ref_name, "tokens_per_sec": tps,
             "ratio_to_reference": {k: v / tps[ref_name] for k, v in tps.items()},
+            # each repeat's run over the reference's run in the same repeat (adjacent in time, so
+            # the box's drift cancels): the median and the range, beside the ratio of medians
+            "paired_ratio": {k: paired_ratio(v, runs[ref_name]) for k, v in runs.items()},
             "fraction_of_gemm_bound": {k: v / limit for k, v in tps.items()},
             "runs": runs,
         }
-    print(f"\n{'shape':<10}{'system':<24}{'tok/s':>9}{'x ref':>8}{'of GEMM bound':>15}")
+    print(f"\n{'shape':<10}{'system':<24}{'tok/s':>9}{'x ref':>8}{'of GEMM bound':>15}{'paired x ref':>22}")
     for shape, r in results["shapes"].items():
         for k, v in r["tokens_per_sec"].items():
             mark = " (ref)" if k == r["reference"] else ""
+            p = r["paired_ratio"][k]
             print(f"{shape:<10}{k:<24}{v:>9.0f}{r['ratio_to_reference'][k]:>8.2f}"
-                  f"{100 * r['fraction_of_gemm_bound'][k]:>14.1f}%{mark}")
+                  f"{100 * r['fraction_of_gemm_bound'][k]:>14.1f}%{p['median']:>8.2f} ({p['min']:.2f}-{p['max']:.2f}){mark}")
         print(f"{'':<10}step {r['step_gflop']:.1f} GFLOP, GEMM-bound limit {r['gemm_bound_tokens_per_sec']:.0f} tok/s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
