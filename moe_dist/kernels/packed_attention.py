@@ -160,5 +160,10 @@ def use_attention_kernel(model: torch.nn.Module, kernel: str, device: torch.devi
             raise ValueError(f"kernels.attention=packed cannot run here: {reason}")
         return model.config._attn_implementation
     register()
-    model.set_attn_implementation(NAME)
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, ImportError) as exc:  # a model class that takes no custom attention function
+        if kernel == "packed":
+            raise ValueError(f"kernels.attention=packed cannot run here: {exc}") from exc
+        return model.config._attn_implementation
     return NAME
