@@ -2,9 +2,10 @@
 // a release store after a rank wrote its message, an acquire wait before its peers read it.
 // (Python has no atomics; torch's copies between these calls are ordered by them on any CPU.)
 //
-// A waiter spins briefly (a peer on its own core is usually microseconds away), then sleeps on
-// the flag with a futex (Linux), which the storer wakes: when ranks outnumber cores, a spinning
-// waiter would take the core its peer needs to arrive.
+// A waiter spins briefly, then yields its core for up to kYieldS (a peer on its own core is
+// usually that close: a futex wake-up costs tens of microseconds more on a VM), then sleeps on
+// the flag with a futex (Linux), which the storer wakes: a peer far behind (a checkpoint, an
+// evaluation) or ranks that outnumber cores do not keep a core spinning.
 #include <algorithm>
 #include <chrono>
 #include <climits>
@@ -20,6 +21,8 @@
 #endif
 
 namespace {
+
+constexpr double kYieldS = 0.002;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -66,10 +69,13 @@ int64_t flags_wait(const at::Tensor& flags, int64_t first, int64_t stride, int64
     const int64_t* f = p + first + r * stride;
     for (int spins = 0; spins < 2048 && __atomic_load_n(f, __ATOMIC_ACQUIRE) < value; ++spins) cpu_relax();
     for (int64_t seen; (seen = __atomic_load_n(f, __ATOMIC_ACQUIRE)) < value;) {
-      const double left =
-          timeout_s - std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      if (left <= 0) return r;
-      sleep_on(f, seen, std::min(left, 0.01));
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (waited >= timeout_s) return r;
+      if (waited < kYieldS) {
+        std::this_thread::yield();
+      } else {
+        sleep_on(f, seen, std::min(timeout_s - waited, 0.01));
+      }
     }
   }
   return -1;
