@@ -142,7 +142,7 @@ def main() -> None:
         with cProfile.Profile() as cp:
             for _ in range(PROFILED):
                 phases()
-        if torch.distributed.get_rank() == 0:
+        if torch.distributed.get_rank() == int(os.environ.get("PROFILE_RANK", "0")):
             pstats.Stats(cp).sort_stats(os.environ["CPROFILE"]).print_stats(int(os.environ.get("ROWS", "30")))
         return
     from torch.profiler import ProfilerActivity, profile

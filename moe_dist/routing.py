@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moe_dist.moe.experts import ExpertParallelExperts
+from moe_dist.parallel.reduce import all_reduce
 
 
 @dataclass
@@ -65,8 +65,7 @@ def collect_routing_stats(model: nn.Module, reset: bool = True) -> RoutingStats:
         torch.stack([mods[layer].routed_tokens_E.to(torch.float64) for layer in layers]),
         torch.stack([_mass(mods[layer]) for layer in layers]),
     ])
-    if dist.is_initialized():
-        dist.all_reduce(both_2LE)
+    all_reduce(both_2LE)
     if reset:
         for m in mods.values():
             m.routed_tokens_E.zero_()

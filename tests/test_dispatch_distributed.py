@@ -109,7 +109,7 @@ def _check_host_exchange(rank: int, world: int) -> None:
     exchange.timeout_s = 1.0
     if rank == 0:
         t0 = time.perf_counter()
-        with pytest.raises(RuntimeError, match=r"timed out after 1 s .*EP rank 1 \(global rank 1\) did not arrive"):
+        with pytest.raises(RuntimeError, match=r"timed out after 1 s .*rank 1 of the group \(global rank 1\) did not arrive"):
             exchange.all_to_all(torch.empty(1, 1), torch.ones(1, 1), [1, 0], [1, 0])
         assert time.perf_counter() - t0 < 10
     dist.barrier()
@@ -117,3 +117,67 @@ def _check_host_exchange(rank: int, world: int) -> None:
 
 def test_host_exchange_equals_gloo_and_names_a_missing_peer():
     run_distributed(_check_host_exchange, 2)
+
+
+def _check_host_reductions(rank: int, world: int) -> None:
+    """all_reduce / reduce / all_gather_into_tensor over shared memory against gloo's: every op
+    the exchange takes, fp32 / fp64 / int64, a tensor over CHUNK_BYTES (several pieces), a
+    non-contiguous one; the same bits on every rank; and DeepSpeed's collectives (ZeRO's path)
+    routed through it once ds_comm.install() wrapped its backend."""
+    import deepspeed.comm as ds_dist
+    import torch.distributed as dist
+
+    from moe_dist.parallel import ds_comm
+    from moe_dist.parallel import host_exchange as hx
+
+    group = dist.new_group(list(range(world)))
+    big = hx.CHUNK_BYTES // 4 + 1000  # fp32 elements: two pieces
+    cases = [(torch.float32, 1000, dist.ReduceOp.SUM), (torch.float32, big, dist.ReduceOp.SUM),
+             (torch.float64, 7, dist.ReduceOp.MAX), (torch.int64, 33, dist.ReduceOp.MIN),
+             (torch.float32, 65, dist.ReduceOp.PRODUCT)]
+    for i, (dtype, n, op) in enumerate(cases):
+        x = (torch.randn(n, generator=torch.Generator().manual_seed(100 * i + rank)) * 100).to(dtype)
+        mine, theirs = x.clone(), x.clone()
+        assert hx.all_reduce(mine, op, group)
+        dist.all_reduce(theirs, op=op, group=group)
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-3)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=group)
+        assert all(torch.equal(e, every[0]) for e in every), "every rank holds the same bits"
+        dst = i % world
+        mine, theirs = x.clone(), x.clone()
+        assert hx.reduce(mine, dst, op, group)
+        dist.reduce(theirs, dst, op=op, group=group)
+        if rank == dst:
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-3)
+        else:
+            assert torch.equal(mine, x), "reduce leaves the other ranks' tensors alone"
+        out, ref = torch.empty(world * n, dtype=dtype), torch.empty(world * n, dtype=dtype)
+        assert hx.all_gather_into_tensor(out, x, group)
+        dist.all_gather_into_tensor(ref, x, group=group)
+        assert torch.equal(out, ref)
+    strided = torch.arange(12.0).view(3, 4).t() * (rank + 1)  # not contiguous
+    assert hx.all_reduce(strided, dist.ReduceOp.SUM, group)
+    assert torch.equal(strided, torch.arange(12.0).view(3, 4).t() * sum(range(1, world + 1)))
+    assert not hx.all_reduce(torch.ones(3), dist.ReduceOp.AVG, group), "AVG is left to torch.distributed"
+    # DeepSpeed's own calls (ZeRO's gradient bucket, norm, partition gather) through the exchange
+    assert ds_comm.install()
+    calls = hx.host_exchange(dist.group.WORLD)
+    before = calls.calls
+    t = torch.full((5,), float(rank + 1))
+    ds_dist.all_reduce(t)
+    ds_dist.all_reduce(t, op=ds_dist.ReduceOp.MAX)
+    gathered = torch.empty(world * 5)
+    ds_dist.all_gather_into_tensor(gathered, t)
+    ds_dist.reduce(t, 0)
+    assert calls.calls == before + 4, "DeepSpeed's collectives went through the exchange"
+    total = float(sum(range(1, world + 1)))
+    assert torch.equal(gathered, torch.full((world * 5,), total)), gathered
+    assert torch.equal(t, torch.full((5,), total * (world if rank == 0 else 1))), t
+    ds_dist.all_reduce(t, async_op=True).wait()  # async: DeepSpeed's own backend (gloo)
+    assert calls.calls == before + 4
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_host_reductions_equal_gloo_and_carry_deepspeeds_collectives(world):
+    run_distributed(_check_host_reductions, world)

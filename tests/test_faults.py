@@ -128,7 +128,7 @@ def test_sigterm_checkpoints_exits_and_resumes_on_the_same_curve(tmp_path, cache
     args = _args(out, cache_dir, "checkpoint.every=0")  # only the stop writes one
     proc = subprocess.Popen(_cmd(args, 29642 + (target == "rank")), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(out, 3, proc)
+    _wait_for_step(out, 2, proc)  # steps take ~0.1 s here: leave the stop time to land before STEPS
     everyone = _descendants(proc.pid)
     os.kill(proc.pid if target == "runner" else _rank_pids(out)[1], signal.SIGTERM)
     text, _ = proc.communicate(timeout=120)
@@ -139,7 +139,7 @@ def test_sigterm_checkpoints_exits_and_resumes_on_the_same_curve(tmp_path, cache
     if target == "rank":
         assert proc.returncode != 0
     saved = complete_checkpoints(out / "checkpoints")
-    assert saved and 3 <= saved[-1][0] < STEPS, (saved, text[-3000:])
+    assert saved and 2 <= saved[-1][0] < STEPS, (saved, text[-3000:])
     log = text + "".join(f.read_text() for f in out.glob("*.log"))
     assert "SIGTERM" in log and "checkpoint.resume=auto" in log, log[-3000:]
     _ok(_launch([*args, "checkpoint.resume=auto"], port=29644 + (target == "rank")))

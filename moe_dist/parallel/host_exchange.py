@@ -1,4 +1,5 @@
-"""The expert all-to-all over shared memory, for CPU ranks of one host (gloo groups).
+"""The expert all-to-all and the gradient reductions over shared memory, for CPU ranks of one
+host (gloo groups).
 
 Why: on gloo every collective costs a fixed ~0.3-0.5 ms on a 2-core box (measured: a 1-float
 all-reduce 0.33-0.43 ms, where a TCP round trip between the same processes is 19 us), and
@@ -7,10 +8,16 @@ two mirrors in backward). Over shared memory a rank writes its message into its 
 publishes a sequence number, waits for its peers' numbers and copies its chunks out of
 their outboxes: a few microseconds of synchronisation plus the copies.
 
-Used by `all_to_all_single` below for CPU tensors on a gloo group whose ranks can all map
+Used by `all_to_all_single` (the dispatcher), `all_reduce`, `reduce` and
+`all_gather_into_tensor` (DeepSpeed's ZeRO through moe_dist/parallel/ds_comm.py, the trainer's
+per-step checks through moe_dist/parallel/reduce.py) for CPU tensors on a gloo group whose ranks can all map
 one another's files in /dev/shm (checked at first use, so two containers without a shared IPC
 namespace fall back to gloo); NCCL groups and everything else go through torch.distributed.
 MOE_DIST_HOST_EXCHANGE=0 turns it off.
+
+Reductions fold the ranks' messages in rank order on every rank, so every rank holds the same
+bits; they and the gathers go in pieces of at most CHUNK_BYTES, so a gradient bucket of any size
+passes through a bounded outbox.
 
 Protocol of call n (the same sequence on every rank, as for any collective):
 1. wait until every peer acknowledged call n-1 (it finished reading this rank's outbox);
@@ -44,6 +51,20 @@ SHM_DIR = Path("/dev/shm")
 SLOT = 16  # int64s of control per rank: 128 bytes, seq and ack on their own cache lines
 SEQ, GEN, ACK = 0, 1, 8
 FIRST_CAPACITY = 1 << 20
+CHUNK_BYTES = 4 << 20  # the largest piece of a reduction or gather through an outbox
+# how a reduction folds the next rank's message into the running result, in place
+FOLDS = {
+    dist.ReduceOp.SUM: lambda acc, m: acc.add_(m),
+    dist.ReduceOp.PRODUCT: lambda acc, m: acc.mul_(m),
+    dist.ReduceOp.MAX: lambda acc, m: torch.maximum(acc, m, out=acc),
+    dist.ReduceOp.MIN: lambda acc, m: torch.minimum(acc, m, out=acc),
+}
+
+
+def fold_of(op):
+    """FOLDS' entry for a reduce op (ReduceOp instances compare equal to, but do not hash as,
+    the enum values), or None: AVG and the bitwise ops go through torch.distributed."""
+    return next((fold for key, fold in FOLDS.items() if op == key), None)
 WAIT_SLICE_S = 0.2  # how often a wait checks its peers' processes
 
 
@@ -153,11 +174,11 @@ class HostExchange:
             if late < 0:
                 return
             if self.pids[late] is not None and not running(self.pids[late]):
-                raise RuntimeError(f"moe_dist host exchange ({what}): the process of EP rank {late} (global rank "
-                                   f"{self.ranks[late]}, pid {self.pids[late]}) is gone")
+                raise RuntimeError(f"moe_dist host exchange ({what}): the process of rank {late} of the group "
+                                   f"(global rank {self.ranks[late]}, pid {self.pids[late]}) is gone")
             if left <= 0:
-                raise RuntimeError(f"moe_dist host exchange timed out after {self.timeout_s:.0f} s ({what}): EP rank "
-                                   f"{late} (global rank {self.ranks[late]}) did not arrive")
+                raise RuntimeError(f"moe_dist host exchange timed out after {self.timeout_s:.0f} s ({what}): rank "
+                                   f"{late} of the group (global rank {self.ranks[late]}) did not arrive")
 
     def _grow(self, need: int) -> None:
         self.gen += 1
@@ -166,44 +187,109 @@ class HostExchange:
         self.ctl_i64[self.me * SLOT + GEN] = self.gen  # read by peers after this call's seq
         self.unlink_after.append((self.calls + 1, path))
 
-    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, output_splits: list[int],
-                   input_splits: list[int]) -> None:
-        """dist.all_to_all_single(out, inp, output_splits, input_splits) over shared memory
-        (rows of `inp`/`out` along dim 0; both contiguous)."""
+    def _publish(self, src: torch.Tensor, ranges: list[tuple[int, int]]) -> int:
+        """Steps 1-3 of a call: `src` (bytes) into the outbox after a header giving, per
+        destination, the (start, size) in src of the bytes meant for it; publish; wait for
+        every peer's message. Returns the call's number."""
         n = self.calls + 1
-        row = math.prod(inp.shape[1:]) * inp.element_size()
         self._wait(ACK, n - 1, "peers reading the previous message")
         while self.unlink_after and self.unlink_after[0][0] < n:
             self.unlink_after.pop(0)[1].unlink(missing_ok=True)
-        src = _bytes(inp)
         need = self.header + src.numel()
         if need > self.out_buf.numel():
             self._grow(need)
-        offsets = torch.tensor([0, *input_splits], dtype=torch.int64).cumsum(0) * row
-        head = torch.stack([offsets[:-1] + self.header, offsets[1:] - offsets[:-1]], 1)
+        head = torch.tensor(ranges, dtype=torch.int64)
+        head[:, 0] += self.header
         self.out_buf[:self.header].view(torch.int64).copy_(head.reshape(-1))
         self.out_buf[self.header:need].copy_(src)
         self.native.flag_store(self.ctl_i64, self.me * SLOT + SEQ, n)
         self._wait(SEQ, n, "peers writing their messages")
+        return n
+
+    def _message(self, r: int, nbytes: int, n: int) -> torch.Tensor:
+        """The bytes rank r's call n addressed to this rank (its outbox, mapping a new generation
+        when the peer grew), checked against the size this rank expects."""
+        box = self.out_buf
+        if r != self.me:
+            gen = int(self.ctl_i64[r * SLOT + GEN])
+            if gen != self.peer_gen[r]:
+                self.peer_buf[r], self.peer_gen[r] = self._open(self._outbox(r, gen)), gen
+            box = self.peer_buf[r]
+        off, size = box[:self.header].view(torch.int64).view(self.P, 2)[self.me].tolist()
+        if size != nbytes:
+            raise RuntimeError(f"moe_dist host exchange (call {n}): rank {r} of the group (global rank "
+                               f"{self.ranks[r]}) sent {size} bytes, this rank expected {nbytes}")
+        return box[off:off + nbytes]
+
+    def _done(self, n: int) -> None:
+        """Step 4's end: this rank read every peer's message of call n."""
+        self.native.flag_store(self.ctl_i64, self.me * SLOT + ACK, n)
+        self.calls = n
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, output_splits: list[int],
+                   input_splits: list[int]) -> None:
+        """dist.all_to_all_single(out, inp, output_splits, input_splits) over shared memory
+        (rows of `inp`/`out` along dim 0; both contiguous)."""
+        row = math.prod(inp.shape[1:]) * inp.element_size()
+        ranges, start = [], 0
+        for rows in input_splits:
+            ranges.append((start, rows * row))
+            start += rows * row
+        n = self._publish(_bytes(inp), ranges)
         dst = _bytes(out)
         at = 0
         for r, rows in enumerate(output_splits):
             nbytes = rows * row
-            if r == self.me:
-                start = int(offsets[r])
-                dst[at:at + nbytes].copy_(src[start:start + nbytes])
-            else:
-                gen = int(self.ctl_i64[r * SLOT + GEN])
-                if gen != self.peer_gen[r]:
-                    self.peer_buf[r], self.peer_gen[r] = self._open(self._outbox(r, gen)), gen
-                off, size = self.peer_buf[r][:self.header].view(torch.int64).view(self.P, 2)[self.me].tolist()
-                if size != nbytes:
-                    raise RuntimeError(f"moe_dist host exchange (call {n}): EP rank {r} sent {size} bytes, "
-                                       f"this rank expected {nbytes} ({rows} rows)")
-                dst[at:at + nbytes].copy_(self.peer_buf[r][off:off + nbytes])
+            dst[at:at + nbytes].copy_(self._message(r, nbytes, n))
             at += nbytes
-        self.native.flag_store(self.ctl_i64, self.me * SLOT + ACK, n)
-        self.calls = n
+        self._done(n)
+
+    # ---- collectives of same-shaped tensors (DeepSpeed's gradient reductions) -----------------
+    def _chunks(self, flat: torch.Tensor):
+        """Pieces of at most CHUNK_BYTES: a gradient bucket of any size passes through a bounded
+        outbox (a container's /dev/shm is often 64 MiB)."""
+        step = max(1, CHUNK_BYTES // flat.element_size())
+        return [(i, flat[i:i + step]) for i in range(0, flat.numel(), step)]
+
+    def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp) -> None:
+        """dist.all_reduce(t, op) for a contiguous t. Every rank folds the messages in rank
+        order, so all ranks hold the same bits (as gloo's ring gives)."""
+        fold = fold_of(op)
+        for _, piece in self._chunks(t.view(-1)):
+            nbytes = piece.numel() * piece.element_size()
+            n = self._publish(_bytes(piece), self._same(nbytes))
+            msgs = [self._message(r, nbytes, n).view(t.dtype) for r in range(self.P)]
+            piece.copy_(msgs[0])
+            for m in msgs[1:]:
+                fold(piece, m)
+            self._done(n)
+
+    def reduce(self, t: torch.Tensor, dst: int, op: dist.ReduceOp) -> None:
+        """dist.reduce(t, dst, op): the group's rank `dst` gets the fold; the others keep t."""
+        fold = fold_of(op)
+        for _, piece in self._chunks(t.view(-1)):
+            nbytes = piece.numel() * piece.element_size()
+            n = self._publish(_bytes(piece), self._same(nbytes))
+            if self.me == dst:
+                msgs = [self._message(r, nbytes, n).view(t.dtype) for r in range(self.P)]
+                piece.copy_(msgs[0])
+                for m in msgs[1:]:
+                    fold(piece, m)
+            self._done(n)
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        """dist.all_gather_into_tensor(out, inp): out holds every rank's inp, in rank order."""
+        out_R = out.view(self.P, -1)
+        for start, piece in self._chunks(inp.view(-1)):
+            nbytes = piece.numel() * piece.element_size()
+            n = self._publish(_bytes(piece), self._same(nbytes))
+            for r in range(self.P):
+                _bytes(out_R[r, start:start + piece.numel()]).copy_(self._message(r, nbytes, n))
+            self._done(n)
+
+    def _same(self, nbytes: int) -> list[tuple[int, int]]:
+        """Header ranges for a message every destination reads whole."""
+        return [(0, nbytes)] * self.P
 
     def close(self) -> None:
         for _, path in self.unlink_after:
@@ -250,3 +336,48 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, output_splits: list[
         dist.all_to_all_single(out, inp, output_splits, input_splits, group=group)
     else:
         exchange.all_to_all(out, inp.contiguous(), output_splits, input_splits)
+
+
+def _exchange_for(t: torch.Tensor, group) -> HostExchange | None:
+    """The exchange of a same-shaped collective on `t` (None: use torch.distributed). The same
+    answer on every rank, as the collective's arguments agree."""
+    if t.device.type != "cpu" or t.dtype == torch.bool or t.is_complex():
+        return None
+    group = group if group is not None else dist.group.WORLD
+    if dist.get_world_size(group) == 1:
+        return None
+    return host_exchange(group)
+
+
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> bool:
+    """dist.all_reduce(t, op, group) over shared memory where the group allows it; False when
+    it does not (the caller uses torch.distributed)."""
+    exchange = _exchange_for(t, group) if fold_of(op) is not None else None
+    if exchange is None:
+        return False
+    flat = t if t.is_contiguous() else t.contiguous()
+    exchange.all_reduce(flat, op)
+    if flat is not t:
+        t.copy_(flat)
+    return True
+
+
+def reduce(t: torch.Tensor, dst: int, op=dist.ReduceOp.SUM, group=None) -> bool:
+    """dist.reduce(t, dst (a global rank), op, group) over shared memory, or False."""
+    exchange = _exchange_for(t, group) if fold_of(op) is not None else None
+    if exchange is None:
+        return False
+    flat = t if t.is_contiguous() else t.contiguous()
+    exchange.reduce(flat, exchange.ranks.index(dst), op)
+    if flat is not t:
+        t.copy_(flat)
+    return True
+
+
+def all_gather_into_tensor(out: torch.Tensor, inp: torch.Tensor, group=None) -> bool:
+    """dist.all_gather_into_tensor(out, inp, group) over shared memory, or False."""
+    exchange = _exchange_for(inp, group) if out.is_contiguous() else None
+    if exchange is None:
+        return False
+    exchange.all_gather(out, inp.contiguous())
+    return True

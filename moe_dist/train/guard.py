@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moe_dist.parallel.reduce import all_reduce
+
 
 class DivergenceError(RuntimeError):
     pass
@@ -60,8 +62,7 @@ class Guard:
         """Collective: this rank's view of the step in, the job's out."""
         local = torch.tensor([float(not math.isfinite(loss) or not step_applied), float(stop_requested)],
                              device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        all_reduce(local, op=dist.ReduceOp.MAX)
         health = StepHealth(nonfinite=bool(local[0].item()), stop=bool(local[1].item()))
         if health.nonfinite:
             self.nonfinite_run += 1

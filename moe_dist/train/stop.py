@@ -27,6 +27,7 @@ from moe_dist.procfs import cmdline, parent_of
 EXIT_CODE = 143  # 128 + SIGTERM: what schedulers expect of a preempted job
 REPEAT_WINDOW_S = 3.0  # Ctrl-C reaches every process, then the launcher forwards SIGTERM: one stop, not two
 LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun")
+RUNNER_POLL_S = 0.25  # how often a rank checks that the deepspeed runner is alive (a read of /proc)
 
 
 class Preempted(SystemExit):
@@ -96,7 +97,7 @@ class StopRequests:
 
     def _watch_runner(self, launcher: int, runner: int | None) -> None:
         while True:
-            time.sleep(1.0)
+            time.sleep(RUNNER_POLL_S)
             parent = parent_of(launcher)
             if parent is None:  # the launcher itself is gone: PDEATHSIG has fired or will
                 return

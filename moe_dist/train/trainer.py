@@ -27,11 +27,12 @@ from moe_dist.data.packing import ShardedBatches
 from moe_dist.methods import Change, RunInfo, method_class
 from moe_dist.models.arch import shape_summary
 from moe_dist.models.convert import adapter_params
+from moe_dist.parallel import ds_comm
 from moe_dist.parallel.agreement import agree_on_plan
 from moe_dist.parallel.groups import writes_canonical_copy
 from moe_dist.parallel.move import MoveReport, current_placements
 from moe_dist.parallel.placement import ExpertPlacement
-from moe_dist.parallel.reduce import global_max, global_sum
+from moe_dist.parallel.reduce import all_reduce, global_max, global_sum
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import RoutingStats, collect_routing_stats, experts_modules
 from moe_dist.train import checkpoint as ckpt
@@ -115,6 +116,7 @@ class Trainer:
         # engine at a structure change scan only what came after (0.3 s -> a few ms here).
         gc.collect()
         gc.freeze()
+        ds_comm.install()  # ZeRO's collectives over shared memory where the ranks share a host (CPU)
         self.ds: Engine = start_engine(self.model, self.build_engine, snap)
         if self.saved is not None:
             self.batches.load_state_dict(self.saved["data"])
@@ -263,8 +265,7 @@ class Trainer:
         bad = torch.tensor([float(not all(torch.isfinite(v).all() for v in (*snap.values.values(),
                                                                              *snap.optim.values())))],
                            device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             self.logger.print(f"step {self.step}: not saving a checkpoint: the state is not finite")
             return None
