@@ -45,7 +45,8 @@ RECIPE = ROOT / "launch" / "recipes" / "tiny_lora.yaml"
 LORA_RANK = 8
 # shape name -> (micro batch, seq len, steps, warm-up steps)
 # (moe_dist's recipe rebalances the expert placement at step 10 under EP: inside the warm-up)
-SHAPES = {"embedded": (8, 128, 60, 15), "bench": (BENCH_SHAPE["batch"], BENCH_SHAPE["seq"], 32, 12)}
+# (runs long enough to average over this box's slow and fast phases of a few seconds each)
+SHAPES = {"embedded": (8, 128, 120, 15), "bench": (BENCH_SHAPE["batch"], BENCH_SHAPE["seq"], 48, 12)}
 
 
 def embedded_dir() -> Path:
