@@ -122,6 +122,53 @@ def test_attention_lora_cpu_kernel_equals_plain_formula(bias):
     torch.testing.assert_close(lin.lora_B.grad, B.grad)
 
 
+def test_shared_input_projections_equal_each_projection_alone():
+    """q, k, v linked into one kernel call (one with a bias, different widths as GQA has) give
+    each projection's own output and gradients; the first call computes all three and the
+    others are served from it; a member asked with another input turns the group off."""
+    from moe_dist.adapters.lora import LoRAConfig, LoRALinear, link_shared_input
+
+    g = torch.Generator().manual_seed(4)
+
+    def members():
+        torch.manual_seed(0)
+        out = []
+        for name, width, bias in (("q", 16, False), ("k", 8, True), ("v", 8, False)):
+            lin = LoRALinear(torch.nn.Linear(12, width, bias=bias).requires_grad_(False), 4, LoRAConfig(alpha=8.0),
+                             name)
+            with torch.no_grad():
+                lin.lora_B.copy_(torch.randn(width, 4, generator=torch.Generator().manual_seed(width)))
+            out.append(lin)
+        return out
+
+    x0 = torch.randn(2, 5, 12, generator=g)
+    ups = [torch.randn(2, 5, w, generator=g) for w in (16, 8, 8)]
+    results = []
+    for linked in (True, False):
+        lins = members()
+        group = link_shared_input(lins) if linked else None
+        x = x0.clone().requires_grad_()
+        ys = [lin(x) for lin in lins]
+        if linked:
+            assert group.enabled and group._weight is not None and not group._pending, "one call served all three"
+            assert ys[0]._base is ys[2]._base is not None, "q and v are views of the one product"
+        sum((y * u).sum() for y, u in zip(ys, ups)).backward()
+        results.append((ys, x.grad, [p.grad for lin in lins for p in (lin.lora_A, lin.lora_B)]))
+    (ys, gx, gp), (ys_ref, gx_ref, gp_ref) = results
+    for a, b in zip(ys, ys_ref):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(gx, gx_ref)
+    for a, b in zip(gp, gp_ref):
+        torch.testing.assert_close(a, b)
+    lins = members()
+    group = link_shared_input(lins)
+    q = lins[0](x0)
+    k = lins[1](x0 + 1)  # k reads another input than q: computed alone, the group is off
+    assert not group.enabled
+    torch.testing.assert_close(q, members()[0](x0))
+    torch.testing.assert_close(k, members()[1](x0 + 1))
+
+
 def test_fused_silu_glu_is_bit_identical_to_autograd():
     """The SwiGLU with the one-buffer backward is taken for transformers' SiLU and gives
     exactly autograd's output and gradient."""

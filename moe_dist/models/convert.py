@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moe_dist.adapters.lora_moe import LoRAMoELinear
-from moe_dist.adapters.lora import LoRAConfig, LoRALinear
+from moe_dist.adapters.lora import LoRAConfig, LoRALinear, link_shared_input
 from moe_dist.models.arch import ArchSpec, arch_spec, decoder_layers, moe_blocks
 from moe_dist.models.layout import (ExpertsLayout, down_to_canonical, gate_up_bias_to_canonical, gate_up_to_canonical,
                                     gpt_oss_gate)
@@ -24,6 +24,9 @@ from moe_dist.parallel.groups import expert_groups
 from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.param_views import grad_of
 from moe_dist.plan import AdapterPlan
+
+# attention projections that every supported architecture computes from the same hidden states
+SHARED_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,11 @@ def _wrap_attention(model: nn.Module, spec: ArchSpec, plan: AdapterPlan, lora: L
         if not isinstance(base, nn.Linear):
             raise ValueError(f"plan: layer {layer} {attr} has no linear {proj!r} (this config does not use it)")
         setattr(attn, proj, LoRALinear(base, rank, lora, f"layers.{layer}.self_attn.{proj}", device=device))
+    for layer, (attr, _default, _linears) in spec.attention.items():
+        attn = getattr(layers[layer], attr, None) if 0 <= layer < len(layers) else None
+        # q, k and v read the layer's hidden states: one kernel call on CPU (adapters/lora.py)
+        link_shared_input([p for p in (getattr(attn, name, None) for name in SHARED_INPUT_PROJECTIONS)
+                           if isinstance(p, LoRALinear)])
 
 
 def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
