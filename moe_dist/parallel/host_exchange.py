@@ -51,6 +51,7 @@ SHM_DIR = Path("/dev/shm")
 SLOT = 16  # int64s of control per rank: 128 bytes, seq and ack on their own cache lines
 SEQ, GEN, ACK = 0, 1, 8
 FIRST_CAPACITY = 1 << 20
+WAIT_SLICE_S = 0.2  # how often a wait checks its peers' processes
 CHUNK_BYTES = 4 << 20  # the largest piece of a reduction or gather through an outbox
 # how a reduction folds the next rank's message into the running result, in place
 FOLDS = {
@@ -65,7 +66,6 @@ def fold_of(op):
     """FOLDS' entry for a reduce op (ReduceOp instances compare equal to, but do not hash as,
     the enum values), or None: AVG and the bitwise ops go through torch.distributed."""
     return next((fold for key, fold in FOLDS.items() if op == key), None)
-WAIT_SLICE_S = 0.2  # how often a wait checks its peers' processes
 
 
 def _map(path: Path, size: int | None = None) -> tuple[mmap.mmap, torch.Tensor]:
@@ -254,23 +254,16 @@ class HostExchange:
     def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp) -> None:
         """dist.all_reduce(t, op) for a contiguous t. Every rank folds the messages in rank
         order, so all ranks hold the same bits (as gloo's ring gives)."""
-        fold = fold_of(op)
-        for _, piece in self._chunks(t.view(-1)):
-            nbytes = piece.numel() * piece.element_size()
-            n = self._publish(_bytes(piece), self._same(nbytes))
-            msgs = [self._message(r, nbytes, n).view(t.dtype) for r in range(self.P)]
-            piece.copy_(msgs[0])
-            for m in msgs[1:]:
-                fold(piece, m)
-            self._done(n)
+        self.reduce(t, None, op)
 
-    def reduce(self, t: torch.Tensor, dst: int, op: dist.ReduceOp) -> None:
-        """dist.reduce(t, dst, op): the group's rank `dst` gets the fold; the others keep t."""
+    def reduce(self, t: torch.Tensor, dst: int | None, op: dist.ReduceOp) -> None:
+        """dist.reduce(t, dst, op): the group's rank `dst` (every rank where None) gets the
+        fold; the others keep t."""
         fold = fold_of(op)
         for _, piece in self._chunks(t.view(-1)):
             nbytes = piece.numel() * piece.element_size()
             n = self._publish(_bytes(piece), self._same(nbytes))
-            if self.me == dst:
+            if dst is None or self.me == dst:
                 msgs = [self._message(r, nbytes, n).view(t.dtype) for r in range(self.P)]
                 piece.copy_(msgs[0])
                 for m in msgs[1:]:
@@ -352,23 +345,17 @@ def _exchange_for(t: torch.Tensor, group) -> HostExchange | None:
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> bool:
     """dist.all_reduce(t, op, group) over shared memory where the group allows it; False when
     it does not (the caller uses torch.distributed)."""
+    return reduce(t, None, op, group)
+
+
+def reduce(t: torch.Tensor, dst: int | None, op=dist.ReduceOp.SUM, group=None) -> bool:
+    """dist.reduce(t, dst (a global rank; None: every rank, an all-reduce), op, group) over
+    shared memory, or False."""
     exchange = _exchange_for(t, group) if fold_of(op) is not None else None
     if exchange is None:
         return False
     flat = t if t.is_contiguous() else t.contiguous()
-    exchange.all_reduce(flat, op)
-    if flat is not t:
-        t.copy_(flat)
-    return True
-
-
-def reduce(t: torch.Tensor, dst: int, op=dist.ReduceOp.SUM, group=None) -> bool:
-    """dist.reduce(t, dst (a global rank), op, group) over shared memory, or False."""
-    exchange = _exchange_for(t, group) if fold_of(op) is not None else None
-    if exchange is None:
-        return False
-    flat = t if t.is_contiguous() else t.contiguous()
-    exchange.reduce(flat, exchange.ranks.index(dst), op)
+    exchange.reduce(flat, None if dst is None else exchange.ranks.index(dst), op)
     if flat is not t:
         t.copy_(flat)
     return True
