@@ -64,6 +64,7 @@ def moe_dist_step_fns(overrides: list[str]):
     def after(loss):
         tr.step += 1
         tr.after_step(loss.item())
+        tr.decide()  # as Trainer.run: method decisions and the EP rebalance (every 10 steps in the recipe)
 
     def phases():
         return timed_step(tr.ds.engine, lambda: {k: v.to(tr.device) for k, v in tr.batches.next_batch().items()},
