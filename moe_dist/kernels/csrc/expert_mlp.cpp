@@ -23,7 +23,7 @@
 // At ~100 rows per expert an ATen call's fixed cost (dispatch, checks, views, allocation) is
 // a fair share of its work, so the products call BLAS's sgemm directly on row-major pointers
 // (the one torch links: MKL or OpenBLAS; through at::mm where it exports none) and the gathers,
-// the gate weighting, the scatter-adds and the SiLU-GLU (vec_math.h) are plain loops.
+// the gate weighting and the scatter-adds are plain loops; only the activation stays in ATen.
 // fp32 only (the Python side routes other dtypes to the loop kernel). With one thread, each expert adds into the output
 // rows as it finishes; with several, experts run in parallel into slot-major buffers and one
 // sequential index_add_ (slot order) follows. Both add a token's slots in the same order, so
@@ -31,7 +31,6 @@
 #include "blas.h"
 #include "kernels.h"
 #include "slots.h"
-#include "vec_math.h"
 
 using namespace moe_dist_kernels;
 
@@ -173,9 +172,9 @@ std::vector<at::Tensor> mlp_forward(const at::Tensor& x_RD, const at::Tensor& ro
     gather(xn, x, row + q0, n, D);
     gemm(false, true, n, 2 * F, D, 1.f, xn.p, D, expert_weight(w_gu_E2FD, s), D, 0.f, gu.p, gu.ld);
     lora_forward(gu, xn, n, D, ptr_gu[s], ptr_gu[s + 1], ad);
-    std::vector<float> h_nF(n * F), sig_F(F);
-    const Rows h{h_nF.data(), F};
-    for (int64_t i = 0; i < n; ++i) silu_glu_row(gu.row(i), gu.row(i) + F, h.row(i), sig_F.data(), F);
+    auto gu_n2F = gu_Q2F.narrow(0, q0, n);
+    auto h_nF = at::silu(gu_n2F.narrow(1, 0, F)).mul_(gu_n2F.narrow(1, F, F));
+    const Rows h = rows_of(h_nF);
     gemm(false, true, n, D, F, 1.f, h.p, F, expert_weight(w_dn_EDF, s), F, 0.f, y.p, y.ld);
     lora_forward(y, h, n, F, ptr_dn[s], ptr_dn[s + 1], ad);
     if (serial) scatter_add(out, y, row + q0, w + q0, n, D);
@@ -222,22 +221,26 @@ std::vector<at::Tensor> mlp_backward(const at::Tensor& g_RD, const at::Tensor& x
       for (int64_t c = 0; c < D; ++c) gyi[c] = wi * gi[c];
       if (grad_w_Q != nullptr) grad_w_Q[q0 + i] = dot(yi, gi, D);
     }
-    const Rows gu = rows_of(gu_Q2F, q0);
-    std::vector<float> h_nF(n * F), sig_nF(n * F), gh_nF(n * F), ggu_n2F(n * 2 * F);
-    const Rows h{h_nF.data(), F}, sig{sig_nF.data(), F}, gh{gh_nF.data(), F}, ggu{ggu_n2F.data(), 2 * F};
-    for (int64_t i = 0; i < n; ++i) silu_glu_row(gu.row(i), gu.row(i) + F, h.row(i), sig.row(i), F);
-    gemm(false, false, n, F, D, 1.f, gy.p, D, expert_weight(w_dn_EDF, s), F, 0.f, gh.p, F);
-    lora_backward(gh, gy, h, n, F, ptr_dn[s], ptr_dn[s + 1], ad, need_A, need_B, grads);
-    for (int64_t i = 0; i < n; ++i)
-      silu_glu_row_backward(gu.row(i), gu.row(i) + F, sig.row(i), gh.row(i), ggu.row(i), ggu.row(i) + F, F);
+    auto gu_n2F = gu_Q2F.narrow(0, q0, n);
+    auto gate_nF = gu_n2F.narrow(1, 0, F), up_nF = gu_n2F.narrow(1, F, F);
+    auto silu_nF = at::silu(gate_nF);
+    auto h_nF = silu_nF * up_nF;
+    auto gh_nF = at::empty({n, F}, x_RD.options());
+    gemm(false, false, n, F, D, 1.f, gy.p, D, expert_weight(w_dn_EDF, s), F, 0.f, gh_nF.data_ptr<float>(), F);
+    lora_backward(rows_of(gh_nF), gy, rows_of(h_nF), n, F, ptr_dn[s], ptr_dn[s + 1], ad, need_A, need_B, grads);
+    auto ggu_n2F = at::empty({n, 2 * F}, x_RD.options());
+    auto g_gate_nF = ggu_n2F.narrow(1, 0, F), g_up_nF = ggu_n2F.narrow(1, F, F);
+    at::mul_out(g_up_nF, gh_nF, silu_nF);
+    at::silu_backward_out(g_gate_nF, gh_nF.mul_(up_nF), gate_nF);
     Rows gx{nullptr, D};
     at::Tensor gx_nD;
     if (need_x) {
       gx_nD = serial ? at::empty({n, D}, x_RD.options()) : gx_QD.narrow(0, q0, n);
       gx = rows_of(gx_nD);
-      gemm(false, false, n, D, 2 * F, 1.f, ggu.p, 2 * F, expert_weight(w_gu_E2FD, s), D, 0.f, gx.p, gx.ld);
+      gemm(false, false, n, D, 2 * F, 1.f, ggu_n2F.data_ptr<float>(), 2 * F, expert_weight(w_gu_E2FD, s), D, 0.f,
+           gx.p, gx.ld);
     }
-    lora_backward(gx, ggu, xn, n, D, ptr_gu[s], ptr_gu[s + 1], ad, need_A, need_B, grads);
+    lora_backward(gx, rows_of(ggu_n2F), xn, n, D, ptr_gu[s], ptr_gu[s + 1], ad, need_A, need_B, grads);
     if (need_x && serial) scatter_add(rows_of(grad_x), gx, row + q0, nullptr, n, D);
   });
   if (need_x && !serial) scatter_add(rows_of(grad_x), rows_of(gx_QD), row, nullptr, Q, D);

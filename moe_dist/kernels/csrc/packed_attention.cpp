@@ -30,7 +30,6 @@
 
 #include "blas.h"
 #include "kernels.h"
-#include "vec_math.h"
 
 using namespace moe_dist_kernels;
 
@@ -68,6 +67,28 @@ struct View4 {
 };
 
 View4 view(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+// exp(x - shift) in place, for x <= shift (scores less their row's max or log-sum-exp):
+// Cephes' expf polynomial (~1 ulp), written so the compiler vectorises it (a scalar std::exp
+// per score cost as much as the GEMMs around it). Below e^-87 it gives ~1e-38, not less.
+// (GCC if-converts the clamp into the vector loop only without trapping math.)
+__attribute__((optimize("no-trapping-math"))) void exp_shifted(float* x, int64_t n, float shift) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float v = x[j] - shift;
+    v = v < -87.f ? -87.f : v;
+    float fx = v * 1.44269504088896341f;
+    fx = (fx + 12582912.f) - 12582912.f;  // round to nearest: v = fx ln2 + r, |r| <= ln2 / 2
+    v = v - fx * 0.693359375f + fx * 2.12194440e-4f;
+    float y = ((((1.9875691500e-4f * v + 1.3981999507e-3f) * v + 8.3334519073e-3f) * v + 4.1665795894e-2f) * v +
+               1.6666665459e-1f) * v + 5.0000001201e-1f;
+    y = y * (v * v) + v + 1.f;
+    const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;  // 2^fx
+    float two_fx;
+    std::memcpy(&two_fx, &bits, sizeof(float));
+    x[j] = y * two_fx;
+  }
+}
 
 // Rows [i0, i0 + m) of a document against keys [0, i0 + m): scores (scaled) into P (m x kv,
 // row-major), turned into causal probabilities in place. lse: the rows' log-sum-exp, written
