@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -62,9 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from moe_dist.parallel.device import select_device
+
+    device = select_device()  # this rank's accelerator before the process group, as launch/train.py
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
                                                  experts_implementation=args.experts_implementation)

@@ -54,11 +54,11 @@ def moe_dist_step_fns(overrides: list[str]):
 
     cfg = parse(["--recipe", str(ROOT / "launch/recipes/tiny_lora.yaml"), "data.eval=", "export.formats=[]",
                  "output_dir=bench/out/profile_step", *overrides])
-    import deepspeed
+    from moe_dist.parallel.device import init_distributed
 
-    deepspeed.init_distributed(verbose=False)
+    device = init_distributed(cfg.dist_timeout_s)
     torch.manual_seed(cfg.seed)
-    tr = Trainer(cfg, torch.device("cpu"), bf16=False)
+    tr = Trainer(cfg, device, bf16=False)
     tr.setup()
 
     def after(loss):
@@ -94,6 +94,9 @@ def baseline_step_fns(argv: list[str]):
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=8)
     args, _ = ap.parse_known_args(argv)
+    from moe_dist.parallel.device import select_device
+
+    select_device()  # this rank's accelerator before the process group, as launch/train.py
     deepspeed.init_distributed(verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, experts_implementation="grouped_mm")

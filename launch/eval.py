@@ -13,14 +13,13 @@ data comes from the export's record of the run (moe_dist_export.json) unless ove
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.train import single_process_env_if_unlaunched, world_size_from_env  # noqa: E402
+from launch.train import mpi_port, single_process_env_if_unlaunched, world_size_from_env  # noqa: E402
 from moe_dist.config import ConfigError, config_from_dict  # noqa: E402
 
 
@@ -46,12 +45,12 @@ def main(argv: list[str] | None = None) -> dict:
     except (ConfigError, ResumeError) as exc:
         sys.exit(f"eval error: {exc}")
 
-    import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoTokenizer
 
     from moe_dist.models.convert import adapter_params
+    from moe_dist.parallel.device import init_distributed
     from moe_dist.plan import AdapterPlan
     from moe_dist.train.checkpoint import load_adapter_values
     from moe_dist.train.evaluate import exact_match
@@ -59,9 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False,
-                               timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-    device = torch.device(accel.device_name(), accel.current_device()) if on_gpu else torch.device("cpu")
+    device = init_distributed(cfg.dist_timeout_s, mpi_port(), accel)  # this rank's device first
     world = torch.distributed.get_world_size()
     model_dir = resolve_model_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -10,7 +10,6 @@ wait for dist_timeout_s).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import traceback
@@ -144,10 +143,10 @@ def failure_context(cfg: RunConfig, exc: BaseException) -> str:
 
 
 def run(cfg: RunConfig) -> dict:
-    import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
 
+    from moe_dist.parallel.device import init_distributed
     from moe_dist.parallel.liveness import Heartbeat, bound_collective_waits
     from moe_dist.train.stop import StopRequests
     from moe_dist.train.engine import use_bf16
@@ -155,13 +154,11 @@ def run(cfg: RunConfig) -> dict:
 
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False,
-                               timeout=datetime.timedelta(seconds=cfg.dist_timeout_s), distributed_port=mpi_port())
+    device = init_distributed(cfg.dist_timeout_s, mpi_port(), accel)  # this rank's device first
     bound_collective_waits(cfg.dist_timeout_s)  # the expert groups too, created later
     rank = torch.distributed.get_rank()
     Heartbeat(heartbeat_dir(cfg), rank, cfg.faults.heartbeat_s)
     stop = StopRequests(rank, cfg.faults.preempt_grace_s).install()
-    device = torch.device(accel.device_name(), accel.current_device()) if on_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, device, bf16=use_bf16(cfg.train.precision, on_gpu, accel.is_bf16_supported()), stop=stop)
     trainer.setup()

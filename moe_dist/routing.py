@@ -35,8 +35,8 @@ class RoutingStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RoutingStats":
-        return cls(list(d["layers"]), torch.tensor(d["tokens_LE"], dtype=torch.float64),
-                   torch.tensor(d["mass_LE"], dtype=torch.float64))
+        return cls(list(d["layers"]), torch.tensor(d["tokens_LE"], dtype=torch.float64, device="cpu"),
+                   torch.tensor(d["mass_LE"], dtype=torch.float64, device="cpu"))
 
     def __add__(self, other: "RoutingStats") -> "RoutingStats":
         assert self.layers == other.layers, (self.layers, other.layers)
@@ -59,7 +59,7 @@ def collect_routing_stats(model: nn.Module, reset: bool = True) -> RoutingStats:
     mods = experts_modules(model)
     layers = sorted(mods)
     if not layers:  # a dense model (DMEP)
-        empty = torch.zeros(0, 0, dtype=torch.float64)
+        empty = torch.zeros(0, 0, dtype=torch.float64, device="cpu")
         return RoutingStats([], empty, empty.clone())
     both_2LE = torch.stack([
         torch.stack([mods[layer].routed_tokens_E.to(torch.float64) for layer in layers]),

@@ -238,7 +238,7 @@ def test_global_magnitude_threshold_keeps_the_share():
     from moe_dist.adapters.lori import global_magnitude_threshold
 
     x = [torch.arange(1, 101, dtype=torch.float32).reshape(10, 10), -torch.arange(101, 201, dtype=torch.float32)]
-    t = global_magnitude_threshold(x, 0.1)
+    t = global_magnitude_threshold(x, 0.1, torch.device("cpu"))
     assert sum(int((v.abs() > t).sum()) for v in x) == 20 and 180 <= t < 181
 
 

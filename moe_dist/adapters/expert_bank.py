@@ -26,7 +26,7 @@ from torch import nn
 
 from moe_dist.adapters.lora import LoRAConfig, init_lora_A
 from moe_dist.kernels.expert_loop import SlotAdapter
-from moe_dist.kernels.grouped import grouped_mm_alignment
+from moe_dist.kernels.grouped import aligned, grouped_mm_alignment
 from moe_dist.plan import expert_param_key
 
 
@@ -81,6 +81,9 @@ class ExpertLoRABank(nn.Module):
                                  for e in bucket.experts])
             self.lora_A[bucket.name] = nn.Parameter(A_GRI.to(device), requires_grad=not lori)
             self.lora_B[bucket.name] = nn.Parameter(torch.zeros(len(group), out_f, r, device=device))
+            # the bucket's local slots on the device: the grouped kernel's offsets come from them
+            self.register_buffer(f"slots_{bucket.name}", torch.tensor(bucket.slots, dtype=torch.long, device=device),
+                                 persistent=False)
             if lori:
                 self.register_buffer(f"mask_{bucket.name}", torch.ones(len(group), out_f, r, device=device),
                                      persistent=False)
@@ -91,6 +94,10 @@ class ExpertLoRABank(nn.Module):
 
     def _mask(self, bucket: RankBucket) -> torch.Tensor:
         return getattr(self, f"mask_{bucket.name}")
+
+    def slot_index(self, bucket: RankBucket) -> torch.Tensor:
+        """`bucket.slots` as a long tensor on the bank's device."""
+        return getattr(self, f"slots_{bucket.name}")
 
     def _pair_gate_up(self) -> tuple[list[tuple[RankBucket, RankBucket]], list[RankBucket]]:
         """Gate and up buckets with the same rank over the same experts run fused (one A
@@ -122,14 +129,16 @@ class ExpertLoRABank(nn.Module):
 
     def stacked(self, bucket: RankBucket, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_GIRp, B_GRpO) for grouped matmul, scale folded into B, LoRI mask applied,
-        rank zero-padded to the grouped-mm alignment (padding adds exact zeros)."""
+        rank zero-padded to the grouped-mm alignment (padding adds exact zeros). A may be the
+        Parameter itself, a view into ZeRO's flat buffer: `aligned` copies it where that view is
+        not 16-byte aligned (DeepSpeed's bf16 optimizer at stage 0 packs at any offset)."""
         A_GRI = self.lora_A[bucket.name].to(dtype)
         B_GOR = self._effective_B(bucket).to(dtype) * bucket.scale
         pad = -bucket.rank % grouped_mm_alignment(dtype)
         if pad:
             A_GRI = nn.functional.pad(A_GRI, (0, 0, 0, pad))
             B_GOR = nn.functional.pad(B_GOR, (0, pad))
-        return A_GRI.transpose(1, 2), B_GOR.transpose(1, 2)
+        return aligned(A_GRI.transpose(1, 2)), B_GOR.transpose(1, 2)
 
     def ranks(self) -> dict[tuple[int, str], int]:
         """{(expert, projection): rank} of the adapters this bank holds."""

@@ -22,7 +22,7 @@ def orthogonal_rows(A_old_RI: torch.Tensor, extra: int, key: str, seed: int) -> 
     if R + extra > I:
         raise ValueError(f"{key}: cannot grow rank {R} by {extra} beyond the input size {I}")
     gen = torch.Generator().manual_seed(key_seed(seed, f"{key}@grow{R}"))
-    G_IX = torch.randn(I, extra, generator=gen, dtype=torch.float64)
+    G_IX = torch.randn(I, extra, generator=gen, dtype=torch.float64, device="cpu")
     Q_IR, _ = torch.linalg.qr(A_old_RI.double().T)
     G_IX = G_IX - Q_IR @ (Q_IR.T @ G_IX)
     Q_IX, _ = torch.linalg.qr(G_IX)

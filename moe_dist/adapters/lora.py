@@ -45,7 +45,7 @@ def init_lora_A(rank: int, in_features: int, key: str, seed: int) -> torch.Tenso
     """Kaiming-uniform(a=sqrt(5)) like nn.Linear and PEFT, from a generator seeded by `key`."""
     gen = torch.Generator().manual_seed(key_seed(seed, key))
     bound = 1.0 / math.sqrt(in_features)
-    return (torch.rand(rank, in_features, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+    return (torch.rand(rank, in_features, generator=gen, dtype=torch.float32, device="cpu") * 2 - 1) * bound
 
 
 class LoRALinear(nn.Module):

@@ -15,25 +15,25 @@ import torch
 import torch.distributed as dist
 
 from moe_dist.parallel.groups import writes_canonical_copy
+from moe_dist.parallel.reduce import all_reduce
 
 
-def global_magnitude_threshold(tensors: list[torch.Tensor], keep_fraction: float, iterations: int = 60) -> float:
-    """Smallest t with (#|x| > t over all ranks' tensors) <= keep_fraction x total. Collective."""
-    flat = torch.cat([t.detach().abs().reshape(-1).to(torch.float64) for t in tensors]) if tensors else torch.zeros(0)
-    stats = torch.tensor([flat.numel(), flat.max().item() if flat.numel() else 0.0], dtype=torch.float64)
-    if dist.is_initialized():
-        total = stats[:1].clone()
-        dist.all_reduce(total)
-        hi = stats[1:].clone()
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        stats = torch.cat([total, hi])
-    total, lo, hi = stats[0].item(), 0.0, stats[1].item()
-    target = keep_fraction * total
+def global_magnitude_threshold(tensors: list[torch.Tensor], keep_fraction: float, device: torch.device,
+                               iterations: int = 60) -> float:
+    """Smallest t with (#|x| > t over all ranks' tensors) <= keep_fraction x total. Collective;
+    its counts are made on `device` (the rank's: NCCL takes only CUDA tensors), also on a rank
+    that holds no tensor."""
+    flat = (torch.cat([t.detach().abs().reshape(-1).to(device, torch.float64) for t in tensors]) if tensors
+            else torch.zeros(0, dtype=torch.float64, device=device))
+    total = torch.tensor([flat.numel()], dtype=torch.float64, device=device)
+    hi = flat.max().reshape(1) if flat.numel() else torch.zeros(1, dtype=torch.float64, device=device)
+    all_reduce(total)
+    all_reduce(hi, op=dist.ReduceOp.MAX)
+    target, lo, hi = keep_fraction * total.item(), 0.0, hi.item()
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        count = torch.tensor([(flat > mid).sum().item()], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(count)
+        count = (flat > mid).sum().to(torch.float64).reshape(1)
+        all_reduce(count)
         if count.item() > target:
             lo = mid
         else:
@@ -41,12 +41,13 @@ def global_magnitude_threshold(tensors: list[torch.Tensor], keep_fraction: float
     return hi
 
 
-def sparsify_lori(params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor], sparsity: float
-                  ) -> tuple[float, float]:
-    """Set every LoRI mask from its B's magnitude; returns (threshold, kept fraction here)."""
+def sparsify_lori(params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor], sparsity: float,
+                  device: torch.device) -> tuple[float, float]:
+    """Set every LoRI mask from its B's magnitude; returns (threshold, kept fraction here).
+    Collective (`device`: this rank's)."""
     keys = sorted(masks)
     canonical = [params[k] for k in keys if writes_canonical_copy(params[k])]
-    t = global_magnitude_threshold(canonical, 1.0 - sparsity)
+    t = global_magnitude_threshold(canonical, 1.0 - sparsity, device)
     kept = total = 0
     with torch.no_grad():
         for k in keys:

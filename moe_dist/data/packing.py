@@ -87,7 +87,7 @@ class ShardedBatches:
         lo = self.position.rows_consumed + self.dp_rank * self.micro_batch
         mine = self._rows[lo: lo + self.micro_batch]
         self.position.rows_consumed += step_rows
-        return {k: torch.tensor([r[k] for r in mine]) for k in mine[0]}
+        return {k: torch.tensor([r[k] for r in mine], device="cpu") for k in mine[0]}
 
     def state_dict(self) -> dict:
         return asdict(self.position)

@@ -66,8 +66,8 @@ def peft_config(ckpt: TrainedCheckpoint, base: BaseModel, base_name: str, single
 def _fill_param_wrapper(ckpt: TrainedCheckpoint, base: BaseModel, layer: int, param: str, r: int, A_shape, B_shape
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     E = base.num_experts
-    A = torch.zeros(A_shape)  # (E*r, in): expert-major
-    B = torch.zeros(B_shape)  # (out, r*E): rank-major
+    A = torch.zeros(A_shape, device="cpu")  # (E*r, in): expert-major
+    B = torch.zeros(B_shape, device="cpu")  # (out, r*E): rank-major
     if A.shape[0] != E * r or B.shape[1] != E * r:
         raise ExportError(f"PEFT built {param} of layer {layer} as {tuple(A.shape)}/{tuple(B.shape)}, expected "
                           f"{E} experts x rank {r}")
@@ -119,7 +119,7 @@ def export_peft(ckpt: TrainedCheckpoint, base: BaseModel, out: Path, base_name: 
             if f is None or f.rank > r or (f.B_OR.shape[0], f.A_RI.shape[1]) != (B_shape[0], A_shape[1]):
                 raise ExportError(f"{name}: PEFT built rank {r} {B_shape[0]}x{A_shape[1]}, the checkpoint has "
                                   f"{None if f is None else (f.rank, *f.B_OR.shape, f.A_RI.shape[1])}")
-            A, B = torch.zeros(A_shape), torch.zeros(B_shape)  # zero-padded to r where single_rank asks
+            A, B = torch.zeros(A_shape, device="cpu"), torch.zeros(B_shape, device="cpu")  # zero-padded to r where single_rank asks
             A[:f.rank], B[:, :f.rank] = f.A_RI, f.B_OR
         tensors[key.format("lora_A")] = A.contiguous()
         tensors[key.format("lora_B")] = B.contiguous()

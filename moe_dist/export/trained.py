@@ -205,7 +205,7 @@ class TrainedCheckpoint:
             lo, hi = max(p_lo, t_lo), min(p_hi, t_hi)
             if lo >= hi:
                 continue
-            B_rows = torch.zeros(t_out, f.rank)
+            B_rows = torch.zeros(t_out, f.rank, device="cpu")
             B_rows[lo - t_lo:hi - t_lo] = f.B_OR[lo - p_lo:hi - p_lo]
             pieces.append(Factors(B_rows, f.A_RI))
         if not pieces:

@@ -45,7 +45,7 @@ def vllm_names(base: BaseModel) -> tuple[str, dict[str, str]]:
 
 
 def _padded(f: Factors | None, r: int, out_f: int, in_f: int) -> tuple[torch.Tensor, torch.Tensor]:
-    A, B = torch.zeros(r, in_f), torch.zeros(out_f, r)
+    A, B = torch.zeros(r, in_f, device="cpu"), torch.zeros(out_f, r, device="cpu")
     if f is not None:
         A[:f.rank] = f.A_RI
         B[:, :f.rank] = f.B_OR

@@ -30,6 +30,8 @@ import torch
 
 from moe_dist.kernels.expert_loop import native_loop
 
+IGNORE_INDEX = -100  # transformers' loss ignore index (moe_dist.data.dataset's, without importing datasets)
+
 NAME = "moe_dist_packed"
 KERNELS = ("auto", "packed", "hf")
 
@@ -147,13 +149,62 @@ def attention_unsupported(model: torch.nn.Module, device: torch.device, dtype: t
     return None
 
 
+def installed_flash_attention() -> str | None:
+    """transformers' flash-attention implementation installed here, newest first (None: none).
+    Only the installed packages count (`flash-attn-3`, `flash-attn`): the hub-kernel fallback
+    would download at the first forward, which a cluster node may not be allowed to do."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if is_flash_attn_3_available():
+        return "flash_attention_3"
+    if is_flash_attn_2_available():
+        return "flash_attention_2"
+    return None
+
+
+def _use_flash_attention(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> str | None:
+    """On a CUDA device in bf16/fp16, switch the model to installed flash attention (its varlen
+    path takes the documents from the restarting position ids of one flattened row:
+    `flatten_packed_rows`); None where it is not installed or the model class refuses it."""
+    name = installed_flash_attention() if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
+    if name is None:
+        return None
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError):  # the model class does not support it: sdpa stays
+        return None
+    return name
+
+
+def flatten_packed_rows(batch: dict[str, torch.Tensor], attn_implementation: str) -> dict[str, torch.Tensor]:
+    """A packed micro-batch (B rows, position ids restarting per document, no mask) as one row
+    of B x S tokens when the model runs flash attention: transformers' flash path finds the
+    documents from the position ids only in a batch of one (`_is_packed_sequence`), as its
+    DataCollatorWithFlattening lays batches out. Each row's first label becomes ignored, so
+    no token learns to predict the next row's first one: the loss is the unflattened one
+    (the causal-LM shift never scores a row's first label)."""
+    if not attn_implementation.startswith("flash") or "attention_mask" in batch or "position_ids" not in batch:
+        return batch
+    out = {k: v.reshape(1, -1) for k, v in batch.items() if k != "labels"}
+    if "labels" in batch:
+        labels = batch["labels"].clone()
+        labels[:, 0] = IGNORE_INDEX
+        out["labels"] = labels.reshape(1, -1)
+    return out
+
+
 def use_attention_kernel(model: torch.nn.Module, kernel: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Apply `kernels.attention` (auto: packed where supported, else transformers' own; packed:
-    raise naming why it cannot run; hf: transformers' own). Returns the implementation used."""
+    """Apply `kernels.attention` (auto: packed where supported, installed flash attention on a
+    GPU, else transformers' own; packed: raise naming why it cannot run; hf: transformers' own).
+    Returns the implementation used."""
     if kernel not in KERNELS:
         raise ValueError(f"kernels.attention must be one of {KERNELS}, got {kernel!r}")
     if kernel == "hf":
         return model.config._attn_implementation
+    if kernel == "auto":
+        flash = _use_flash_attention(model, device, dtype)
+        if flash is not None:
+            return flash
     reason = attention_unsupported(model, device, dtype)
     if reason is not None:
         if kernel == "packed":

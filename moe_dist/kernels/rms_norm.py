@@ -60,7 +60,7 @@ def swappable(module: torch.nn.Module) -> bool:
             or weight.dim() != 1 or len(list(module.parameters(recurse=False))) != 1 or weight.device.type != "cpu" \
             or weight.dtype != torch.float32:
         return False
-    x = torch.randn(5, weight.numel(), generator=torch.Generator().manual_seed(0)) * 3
+    x = torch.randn(5, weight.numel(), generator=torch.Generator().manual_seed(0), device="cpu") * 3
     with torch.no_grad():
         want = type(module).forward(module, x)
         got = FusedRMSNorm.apply(x, weight, eps)

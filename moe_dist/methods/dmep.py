@@ -28,6 +28,7 @@ from torch import nn
 from moe_dist.adapters.lora_moe import lora_moe_modules
 from moe_dist.methods.base import Change, Method, register
 from moe_dist.models.arch import arch_spec, attention_targets, is_moe
+from moe_dist.parallel.reduce import all_reduce
 from moe_dist.plan import ATTENTION_PROJECTIONS, AdapterPlan
 from moe_dist.validation import ConfigError, non_negative, positive
 
@@ -79,9 +80,10 @@ def initial_plan(targets: list[tuple[int, str]], num_experts: int, rank: int, to
 def collect_utilisation(model: nn.Module, reset: bool = True) -> dict[tuple[int, str], dict[int, float]]:
     """Collective: each module's share of selections per LoRA expert, summed over all ranks."""
     mods = lora_moe_modules(model)
-    counts = torch.cat([m.selected_N.double() for m in mods]) if mods else torch.zeros(0, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
+    device = next(model.parameters()).device  # the rank's (NCCL takes only CUDA tensors)
+    counts = (torch.cat([m.selected_N.double() for m in mods]) if mods
+              else torch.zeros(0, dtype=torch.float64, device=device))
+    all_reduce(counts)
     out, start = {}, 0
     for m in mods:
         c = counts[start: start + len(m.experts)].cpu()
@@ -149,8 +151,7 @@ class DMEP(Method):
         if not mods:
             return {}
         both = torch.cat([torch.cat([m.selected_N.double(), m.gate_mass_N]) for m in mods])
-        if dist.is_initialized():
-            dist.all_reduce(both)
+        all_reduce(both)
         return {"counts": both.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -165,12 +166,16 @@ class DMEP(Method):
         specialise); uniform LoRA-MoE (no prune points) keeps it."""
         self.model = model
         if self.pending_counts is not None:  # the job's sums on rank 0, zeros elsewhere: same totals
-            counts, start = torch.tensor(self.pending_counts, dtype=torch.float64), 0
+            counts, start = torch.tensor(self.pending_counts, dtype=torch.float64, device="cpu"), 0
             first = not dist.is_initialized() or dist.get_rank() == 0
             for m in lora_moe_modules(model):
                 n = len(m.experts)
-                m.selected_N.copy_(counts[start:start + n].long() if first else torch.zeros(n, dtype=torch.long))
-                m.gate_mass_N.copy_(counts[start + n:start + 2 * n] if first else torch.zeros(n, dtype=torch.float64))
+                if first:
+                    m.selected_N.copy_(counts[start:start + n].long())
+                    m.gate_mass_N.copy_(counts[start + n:start + 2 * n])
+                else:
+                    m.selected_N.zero_()
+                    m.gate_mass_N.zero_()
                 start += 2 * n
             self.pending_counts = None
         if self.last_prune_passed(step):

@@ -156,5 +156,5 @@ class EPnG(Method):
 
     def load_state_dict(self, state: dict) -> None:
         imp, w = state.get("importance_LE"), state.get("window")
-        self.importance_LE = None if imp is None else torch.tensor(imp, dtype=torch.float64)
+        self.importance_LE = None if imp is None else torch.tensor(imp, dtype=torch.float64, device="cpu")
         self.window = None if w is None else RoutingStats.from_dict(w)

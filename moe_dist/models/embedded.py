@@ -147,7 +147,7 @@ def _token_stream(tokenizer: PreTrainedTokenizerFast, seed: int, n_tokens: int) 
         for doc_ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
             ids += [tokenizer.bos_token_id, *doc_ids, tokenizer.eos_token_id]
         round_ += 1
-    return torch.tensor(ids[:n_tokens], dtype=torch.long)
+    return torch.tensor(ids[:n_tokens], dtype=torch.long, device="cpu")
 
 
 def _lr_at(step: int, steps: int, peak: float) -> float:
@@ -166,13 +166,13 @@ def pretrain(model: torch.nn.Module, stream: torch.Tensor, steps: int, seed: int
     gen = torch.Generator().manual_seed(seed)
     n_windows = (len(stream) - 1) // PRETRAIN_SEQ_LEN
     windows = stream[: n_windows * PRETRAIN_SEQ_LEN].view(n_windows, PRETRAIN_SEQ_LEN)
-    order = torch.randperm(n_windows, generator=gen)
+    order = torch.randperm(n_windows, generator=gen, device="cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
     recent: list[float] = []
     tail = max(1, steps // 10)
     for step in range(steps):
-        idx = order[(torch.arange(PRETRAIN_BATCH) + step * PRETRAIN_BATCH) % n_windows]
+        idx = order[(torch.arange(PRETRAIN_BATCH, device="cpu") + step * PRETRAIN_BATCH) % n_windows]
         batch = windows[idx]
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, PRETRAIN_LR)

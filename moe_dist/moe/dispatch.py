@@ -44,6 +44,7 @@ class LocalMeta:
     token_N: torch.Tensor  # token of each slot in expert-major order (sort_N // top_k)
     weights_TK: torch.Tensor
     tokens_per_expert: list[int]  # rows per owned expert, in local slot order (host ints)
+    counts_e: torch.Tensor  # the same on the device (the grouped kernel's offsets: no host copy)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class AllToAllMeta:
     input_splits: list[int]  # pairs this rank sent to each EP rank
     output_splits: list[int]  # rows this rank received from each EP rank
     tokens_per_expert: list[int]  # computed rows per owned expert, local slot order (host ints)
+    counts_e: torch.Tensor  # the same on the device
     num_tokens: int
     ranks_per_token: int  # J
 
@@ -114,29 +116,41 @@ def exchange(output_splits: list[int], input_splits: list[int], group, *xs: torc
 
 def _fixed_order_add(g_ND: torch.Tensor) -> bool:
     """CPU index_add_ is sequential (deterministic) and one pass; elsewhere it is atomic (GPU)
-    or would round every add (bf16), so those scatter into a buffer and sum in a fixed order."""
+    or would round every add (bf16), so those take `sum_rows_into` (a segment sum)."""
     return g_ND.device.type == "cpu" and g_ND.dtype in (torch.float32, torch.float64)
 
 
+def sum_rows_into(y_ND: torch.Tensor, index_N: torch.Tensor, pos_N: torch.Tensor, T: int) -> torch.Tensor:
+    """out[t] = sum of the rows y[n] with index[n] = t, added in the order of `pos` (distinct
+    keys, ascending within a t): fixed order, no atomics, and no (T x K) grid of mostly zeros.
+
+    CPU fp32 takes one sequential index_add_ (rows in order n; callers' rows come in `pos`
+    order within a t). Elsewhere the rows are sorted by `pos` and summed per segment
+    (torch.segment_reduce: one sequential pass per (segment, column) on CUDA, `unsafe` so no
+    `.item()` checks), in fp32, then cast back. No host sync either way."""
+    if _fixed_order_add(y_ND):
+        return y_ND.new_zeros(T, y_ND.shape[1]).index_add_(0, index_N, y_ND)
+    lengths_T = torch.zeros(T, dtype=torch.long, device=y_ND.device).index_add_(
+        0, index_N, torch.ones_like(index_N))  # integer adds: exact in any order
+    acc = torch.promote_types(y_ND.dtype, torch.float32)
+    sorted_ND = y_ND.index_select(0, torch.argsort(pos_N)).to(acc)
+    return torch.segment_reduce(sorted_ND, "sum", lengths=lengths_T, axis=0, unsafe=True, initial=0).to(y_ND.dtype)
+
+
 class _GatherRows(torch.autograd.Function):
-    """x[index] where several gathered rows may read one source row; `pos` gives each
-    gathered row a distinct place in a (source rows x J) grid, so backward sums a row's
-    gradients in a fixed order (or with one sequential index_add_ on CPU)."""
+    """x[index] where several gathered rows may read one source row; `pos` orders the
+    gathered rows of each source row, so backward sums a row's gradients in a fixed order."""
 
     @staticmethod
     def forward(ctx, x_TD, index_N, pos_N, J):
         ctx.save_for_backward(index_N, pos_N)
-        ctx.T, ctx.J = x_TD.shape[0], J
+        ctx.T = x_TD.shape[0]
         return x_TD.index_select(0, index_N)
 
     @staticmethod
     def backward(ctx, g_ND):
         index_N, pos_N = ctx.saved_tensors
-        D = g_ND.shape[1]
-        if _fixed_order_add(g_ND):
-            return g_ND.new_zeros(ctx.T, D).index_add_(0, index_N, g_ND), None, None, None
-        grid = g_ND.new_zeros(ctx.T * ctx.J, D).index_copy_(0, pos_N, g_ND)
-        return grid.view(ctx.T, ctx.J, D).sum(1), None, None, None
+        return sum_rows_into(g_ND, index_N, pos_N, ctx.T), None, None, None
 
 
 def gather_rows(x_TD: torch.Tensor, index_N: torch.Tensor, pos_N: torch.Tensor, J: int) -> torch.Tensor:
@@ -175,21 +189,16 @@ class _WeightedCombine(torch.autograd.Function):
 
 class _ScatterWeightedSum(torch.autograd.Function):
     """out[r] = sum_k w[r, k] * y[q] over the computed slots q at flat position r*K + k: each
-    received row's outputs from this rank's experts, gate-weighted, in the promoted dtype.
-    Saves only the compact rows (Q x D) for backward; the (R*K x D) grid that sums a row's
-    slots in a fixed order exists only during forward, and not at all on CPU fp32 (one
-    sequential index_add_ there)."""
+    received row's outputs from this rank's experts, gate-weighted, in the promoted dtype,
+    summed in k order (`sum_rows_into`: no R*K grid). Saves only the compact rows (Q x D)."""
 
     @staticmethod
     def forward(ctx, y_QD, w_RK, order_Q):
-        (R, K), D = w_RK.shape, y_QD.shape[1]
+        R, K = w_RK.shape
         dt = torch.promote_types(y_QD.dtype, w_RK.dtype)
         w_Q1 = w_RK.to(dt).reshape(-1).index_select(0, order_Q).unsqueeze(1)
         wy_QD = y_QD.to(dt) * w_Q1
-        if _fixed_order_add(wy_QD):
-            out_RD = wy_QD.new_zeros(R, D).index_add_(0, torch.div(order_Q, K, rounding_mode="floor"), wy_QD)
-        else:
-            out_RD = wy_QD.new_zeros(R * K, D).index_copy_(0, order_Q, wy_QD).view(R, K, D).sum(1)
+        out_RD = sum_rows_into(wy_QD, torch.div(order_Q, K, rounding_mode="floor"), order_Q, R)
         ctx.save_for_backward(y_QD, w_RK, order_Q)
         return out_RD
 
@@ -215,8 +224,7 @@ class _SumPairs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_SD, token_S, pos_S, T, J):
         ctx.save_for_backward(token_S)
-        D = y_SD.shape[1]
-        return y_SD.new_zeros(T * J, D).index_copy_(0, pos_S, y_SD).view(T, J, D).sum(1)
+        return sum_rows_into(y_SD, token_S, pos_S, T)
 
     @staticmethod
     def backward(ctx, g_TD):
@@ -237,8 +245,8 @@ class LocalDispatcher:
     def __init__(self, local_experts: list[int], num_experts: int, device: torch.device | None = None):
         if sorted(local_experts) != list(range(num_experts)):
             raise ValueError("LocalDispatcher needs every expert local")
-        slot = torch.empty(num_experts, dtype=torch.long)
-        slot[torch.tensor(local_experts, dtype=torch.long)] = torch.arange(num_experts)
+        slot = torch.empty(num_experts, dtype=torch.long, device="cpu")
+        slot[torch.tensor(local_experts, dtype=torch.long, device="cpu")] = torch.arange(num_experts, device="cpu")
         self.slot_of_expert_E = slot.to(device) if device is not None else slot
         self.num_experts = num_experts
 
@@ -246,22 +254,22 @@ class LocalDispatcher:
         self.slot_of_expert_E = self.slot_of_expert_E.to(device)
         return self
 
-    def _sort_slots(self, top_k_index_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(slots in expert-major order as flat t*K + k, their tokens, slots per expert); the
-        layer's one host sync."""
+    def _sort_slots(self, top_k_index_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+        """(slots in expert-major order as flat t*K + k, their tokens, slots per expert on the
+        host and on the device); the layer's one host sync."""
         K = top_k_index_TK.shape[1]
         slot_N = self.slot_of_expert_E[top_k_index_TK.reshape(-1)]
         sort_N = torch.argsort(slot_N, stable=True)
-        tokens_per_expert = count_tokens_per_expert(slot_N, self.num_experts).tolist()
-        return sort_N, torch.div(sort_N, K, rounding_mode="floor"), tokens_per_expert
+        counts_e = count_tokens_per_expert(slot_N, self.num_experts).long()
+        return sort_N, torch.div(sort_N, K, rounding_mode="floor"), counts_e.tolist(), counts_e
 
     def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
                  top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, LocalMeta]:
         K = top_k_index_TK.shape[1]
-        sort_N, token_N, tokens_per_expert = self._sort_slots(top_k_index_TK)
+        sort_N, token_N, tokens_per_expert, counts_e = self._sort_slots(top_k_index_TK)
         unsort_N = _inverse_permutation(sort_N)
-        x_ND = gather_rows(x_TD, token_N, sort_N, K)  # sort_N = t*K + k: a distinct grid place
-        return x_ND, LocalMeta(unsort_N, sort_N, token_N, top_k_weights_TK, tokens_per_expert)
+        x_ND = gather_rows(x_TD, token_N, sort_N, K)  # sort_N = t*K + k: k order within a token
+        return x_ND, LocalMeta(unsort_N, sort_N, token_N, top_k_weights_TK, tokens_per_expert, counts_e)
 
     def combine(self, y_MD: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
         """Expert outputs in expert-major order -> gate-weighted sum per token, in the rows' dtype."""
@@ -271,7 +279,7 @@ class LocalDispatcher:
               top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, Routes]:
         """For a fused kernel that gathers and combines itself: the tokens as they are, and each
         slot's token and gate weight in expert-major order (no communication)."""
-        sort_N, token_N, tokens_per_expert = self._sort_slots(top_k_index_TK)
+        sort_N, token_N, tokens_per_expert, _ = self._sort_slots(top_k_index_TK)
         return x_TD, Routes(token_N, top_k_weights_TK.reshape(-1).index_select(0, sort_N), tokens_per_expert)
 
     def finish(self, y_TD: torch.Tensor, routes: Routes) -> torch.Tensor:
@@ -295,16 +303,16 @@ class AllToAllDispatcher:
         self.num_local_of_rank = [len(x) for x in experts_by_rank]
         self.local_experts = experts_by_rank[ep_rank]
         # Keys: ranks in order, each rank's experts in its local slot order.
-        order = torch.tensor([e for xs in experts_by_rank for e in xs], dtype=torch.long)
+        order = torch.tensor([e for xs in experts_by_rank for e in xs], dtype=torch.long, device="cpu")
         self.key_of_expert_E = _inverse_permutation(order)
-        self.rank_of_key_E = torch.tensor([r for r, xs in enumerate(experts_by_rank) for _ in xs], dtype=torch.long)
-        self.local_of_key_E = torch.tensor([i for xs in experts_by_rank for i in range(len(xs))], dtype=torch.long)
+        self.rank_of_key_E = torch.tensor([r for r, xs in enumerate(experts_by_rank) for _ in xs], dtype=torch.long, device="cpu")
+        self.local_of_key_E = torch.tensor([i for xs in experts_by_rank for i in range(len(xs))], dtype=torch.long, device="cpu")
         # The count message to rank r: [pairs, slots, slots per expert of r (local order)].
         self.count_splits = [2 + n for n in self.num_local_of_rank]
         starts = [sum(self.count_splits[:r]) for r in range(self.ep_size)]
-        self.pos_pairs_P = torch.tensor(starts, dtype=torch.long)
+        self.pos_pairs_P = torch.tensor(starts, dtype=torch.long, device="cpu")
         self.pos_keys_E = torch.tensor([starts[r] + 2 + i for r, xs in enumerate(experts_by_rank)
-                                        for i in range(len(xs))], dtype=torch.long)
+                                        for i in range(len(xs))], dtype=torch.long, device="cpu")
         self.rows_sent = {"pairs": 0, "slots": 0}  # to other ranks, per forward (host ints: free)
         if device is not None:
             self.to(device)
@@ -314,13 +322,15 @@ class AllToAllDispatcher:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def _exchange_counts(self, hit_TP: torch.Tensor, rank_TK: torch.Tensor, key_TK: torch.Tensor) -> list[int]:
+    def _exchange_counts(self, hit_TP: torch.Tensor, rank_TK: torch.Tensor, key_TK: torch.Tensor
+                         ) -> tuple[list[int], torch.Tensor]:
         """Host ints [pairs to each rank | slots to each rank | rows from each rank | slots per
-        owned expert]: one all-to-all and the layer's one host sync."""
+        owned expert], and the slots per owned expert on the device: one all-to-all and the
+        layer's one host sync (counts by scatter-add: bincount would sync to size its output)."""
         P, e = self.ep_size, len(self.local_experts)
         dev = hit_TP.device
         pairs_P = hit_TP.sum(0)
-        slots_P = torch.bincount(rank_TK.reshape(-1), minlength=P)
+        slots_P = count_tokens_per_expert(rank_TK, P).long()
         send = torch.empty(sum(self.count_splits), dtype=torch.long, device=dev)
         send[self.pos_pairs_P] = pairs_P
         send[self.pos_pairs_P + 1] = slots_P
@@ -328,7 +338,8 @@ class AllToAllDispatcher:
         recv_P2e = torch.empty(P * (2 + e), dtype=torch.long, device=dev)
         all_to_all_single(recv_P2e, send, [2 + e] * P, self.count_splits, self.group)
         recv_P2e = recv_P2e.view(P, 2 + e)
-        return torch.cat((pairs_P, slots_P, recv_P2e[:, 0], recv_P2e[:, 2:].sum(0))).tolist()
+        counts_e = recv_P2e[:, 2:].sum(0)
+        return torch.cat((pairs_P, slots_P, recv_P2e[:, 0], counts_e)).tolist(), counts_e
 
     def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
                  top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, AllToAllMeta]:
@@ -362,7 +373,7 @@ class AllToAllDispatcher:
         key_TK = self.key_of_expert_E[top_k_index_TK]
         rank_TK = self.rank_of_key_E[key_TK]
         hit_TP = torch.zeros(T, P, dtype=torch.bool, device=x_TD.device).scatter_(1, rank_TK, True)
-        host = self._exchange_counts(hit_TP, rank_TK, key_TK)
+        host, counts_e = self._exchange_counts(hit_TP, rank_TK, key_TK)
         input_splits, slots_sent = host[:P], host[P:2 * P]
         output_splits, tokens_per_expert = host[2 * P:3 * P], host[3 * P:]
         self.rows_sent["pairs"] += sum(input_splits) - input_splits[self.ep_rank]
@@ -385,7 +396,7 @@ class AllToAllDispatcher:
         order_Q = torch.argsort(torch.where(local_RK >= 0, local_RK, e).reshape(-1), stable=True)
         order_Q = order_Q[: sum(tokens_per_expert)]
         meta = AllToAllMeta(w_RK.to(top_k_weights_TK.dtype), order_Q, pair_token_S, pair_pos_S, input_splits,
-                            output_splits, tokens_per_expert, T, J)
+                            output_splits, tokens_per_expert, counts_e, T, J)
         return x_RD, meta
 
     def combine(self, y_QD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:

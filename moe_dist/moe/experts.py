@@ -17,13 +17,14 @@ import itertools
 from typing import Callable, Mapping
 
 import torch
+from deepspeed.moe.ep_count import count_tokens_per_expert
 from torch import nn
 
 from moe_dist.adapters.expert_bank import ExpertLoRABank
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.kernels.expert_loop import ExpertLoopLinear, native_loop
 from moe_dist.kernels.expert_mlp import MLPEntries, fused_expert_mlp
-from moe_dist.kernels.grouped import add_lora_delta_, grouped_mm
+from moe_dist.kernels.grouped import add_lora_delta_, aligned, grouped_mm, offsets
 from moe_dist.recompute import recomputing
 from moe_dist.moe.activation import SILU_TYPES, gated_act
 from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher, Routes
@@ -177,10 +178,15 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
                              f"on {x_TD.device.type}")
         return runnable and self._fused_unsupported() is None
 
-    def compute(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+    def compute(self, x_MD: torch.Tensor, tokens_per_expert: list[int],
+                counts_e: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows sorted by local slot -> expert outputs. `tokens_per_expert`: rows per slot on the
+        host; `counts_e`: the same on the rows' device (the dispatcher's; built here if None)."""
         if self.kernel == "loop" or (self.kernel == "auto" and x_MD.device.type == "cpu"):
             return self.compute_loop(x_MD, tokens_per_expert)
-        return self.compute_grouped(x_MD, tokens_per_expert)
+        if counts_e is None:
+            counts_e = torch.tensor(tokens_per_expert, dtype=torch.long, device=x_MD.device)
+        return self.compute_grouped(x_MD, tokens_per_expert, counts_e)
 
     def _loop_adapters(self, projs: tuple[str, ...], dtype: torch.dtype) -> tuple[list, list[torch.Tensor]]:
         """The bank's loop layout for `projs` (built once per bank, device move or cast) and its
@@ -218,39 +224,50 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
         return self.gate_fn(gate_up_M2F) if self.gate_fn is not None else gated_act(gate_up_M2F, self.act_fn)
 
     @staticmethod
-    def _add_bias(y_MO: torch.Tensor, bias_eO: torch.Tensor | None, counts: list[int]) -> torch.Tensor:
-        """Rows are grouped by local slot: each slot's bias over its rows (frozen: no grad)."""
+    def _add_bias(y_MO: torch.Tensor, bias_eO: torch.Tensor | None, counts: list[int] | torch.Tensor
+                  ) -> torch.Tensor:
+        """Rows are grouped by local slot: each slot's bias over its rows (frozen: no grad).
+        `counts`: rows per slot, host ints or a tensor on the rows' device (no copy, no sync)."""
         if bias_eO is None:
             return y_MO
-        reps = torch.tensor(counts, device=y_MO.device)
+        reps = counts if isinstance(counts, torch.Tensor) else torch.tensor(counts, device=y_MO.device)
         return y_MO + bias_eO.to(y_MO.dtype).repeat_interleave(reps, dim=0, output_size=y_MO.shape[0])
 
-    def compute_grouped(self, x_MD: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        """Local experts on rows sorted by local slot: grouped base matmuls + adapter buckets."""
-        counts = tokens_per_expert
+    def compute_grouped(self, x_MD: torch.Tensor, counts: list[int], counts_e: torch.Tensor) -> torch.Tensor:
+        """Local experts on rows sorted by local slot: grouped base matmuls + adapter buckets.
+        Offsets and row indices come from `counts_e` on the device; `counts` (the same on the
+        host) only sizes slices: this adds no host sync to the dispatcher's one."""
         starts = [0, *itertools.accumulate(counts)][:-1]
-        offs_e = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_MD.device)
-        x_MD = x_MD.to(self.gate_up_proj.dtype)
+        offs_e = offsets(counts_e)
+        x_MD = aligned(x_MD.to(self.gate_up_proj.dtype))
         if torch.is_grad_enabled() and not x_MD.requires_grad and self.adapters.trainable:
             # Adapter deltas are added in place into the base output rows; autograd allows
             # that only on a non-leaf. Happens when nothing upstream trains (frozen
             # embeddings, no attention LoRA): costs one unused input-gradient matmul.
             x_MD = x_MD.detach().requires_grad_()
-        gate_up_M2F = grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offs_e)
         bank = self.adapters
+        slot_of_row_M = None
+        if any(len(b.slots) != b.slots[-1] - b.slots[0] + 1 for bs in bank.buckets.values() for b in bs):
+            slot_of_row_M = torch.arange(len(counts), device=x_MD.device).repeat_interleave(
+                counts_e, output_size=x_MD.shape[0])  # for buckets of scattered slots
+
+        def add_delta_(A, B, bucket, x, out):
+            add_lora_delta_(A, B, bucket.slots, bank.slot_index(bucket), x, out, starts, counts, counts_e,
+                            slot_of_row_M)
+
+        gate_up_M2F = grouped_mm(x_MD, aligned(self.gate_up_proj.transpose(1, 2)), offs_e)
         for gate, up in bank.gate_up_pairs:
-            A, B = bank.stacked_gate_up(gate, up, x_MD.dtype)
-            add_lora_delta_(A, B, gate.slots, x_MD, gate_up_M2F, starts, counts)
+            add_delta_(*bank.stacked_gate_up(gate, up, x_MD.dtype), gate, x_MD, gate_up_M2F)
         for bucket in bank.gate_up_singles:
             lo, hi = bank.columns[bucket.proj]
-            add_lora_delta_(*bank.stacked(bucket, x_MD.dtype), bucket.slots, x_MD, gate_up_M2F[:, lo:hi], starts, counts)
-        h_MF = self._activate(self._add_bias(gate_up_M2F, self.gate_up_bias, counts))
-        y_MD = grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs_e)
+            add_delta_(*bank.stacked(bucket, x_MD.dtype), bucket, x_MD, gate_up_M2F[:, lo:hi])
+        h_MF = self._activate(self._add_bias(gate_up_M2F, self.gate_up_bias, counts_e))
+        y_MD = grouped_mm(h_MF, aligned(self.down_proj.transpose(1, 2)), offs_e)
         for bucket in bank.buckets["down_proj"]:
-            add_lora_delta_(*bank.stacked(bucket, h_MF.dtype), bucket.slots, h_MF, y_MD, starts, counts)
+            add_delta_(*bank.stacked(bucket, h_MF.dtype), bucket, h_MF, y_MD)
         if self.anchor is not None:
             y_MD = y_MD + (self.anchor * 0).to(y_MD.dtype)
-        return self._add_bias(y_MD, self.down_bias, counts)
+        return self._add_bias(y_MD, self.down_bias, counts_e)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -263,7 +280,7 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
             x_RD, routes = self.dispatcher.route(hidden_states, top_k_index, top_k_weights)
             return self.dispatcher.finish(self.compute_fused(x_RD, routes), routes)
         x_MD, meta = self.dispatcher.dispatch(hidden_states, top_k_index, top_k_weights)
-        y_MD = self.compute(x_MD, meta.tokens_per_expert)
+        y_MD = self.compute(x_MD, meta.tokens_per_expert, meta.counts_e)
         return self.dispatcher.combine(y_MD.to(hidden_states.dtype), meta)
 
     def count_routing(self, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor) -> None:
@@ -273,7 +290,7 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
         softmax or sigmoid score; renormalised over the top-k where the architecture does).
         It is a plain fp64 attribute, not a buffer, so casting the module to bf16 leaves it."""
         idx_N = top_k_index_TK.reshape(-1)
-        self.routed_tokens_E += torch.bincount(idx_N, minlength=self.num_experts)
+        self.routed_tokens_E += count_tokens_per_expert(idx_N, self.num_experts)  # bincount would sync
         if getattr(self, "routed_mass_E", None) is None or self.routed_mass_E.device != idx_N.device:
             self.routed_mass_E = torch.zeros(self.num_experts, dtype=torch.float64, device=idx_N.device)
         self.routed_mass_E.index_add_(0, idx_N, top_k_weights_TK.detach().reshape(-1).to(torch.float64))

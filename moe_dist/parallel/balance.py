@@ -31,7 +31,7 @@ def expert_costs_E(plan: AdapterPlan, layer: int, tokens_E: torch.Tensor, hidden
     """Expected training FLOPs of each expert of `layer` for the measured token counts."""
     D, F = hidden, intermediate
     base = 12.0 * D * F
-    adapter_E = torch.zeros(len(tokens_E), dtype=torch.float64)
+    adapter_E = torch.zeros(len(tokens_E), dtype=torch.float64, device="cpu")
     for (e, proj), r in plan.expert_ranks_of_layer(layer).items():
         in_f, out_f, _, _ = expert_proj_layout(proj, D, F)
         adapter_E[e] += 6.0 * r * (in_f + out_f)
@@ -39,8 +39,8 @@ def expert_costs_E(plan: AdapterPlan, layer: int, tokens_E: torch.Tensor, hidden
 
 
 def rank_loads_P(cost_E: torch.Tensor, placement: ExpertPlacement) -> torch.Tensor:
-    owner = torch.tensor(placement.owner)
-    return torch.zeros(placement.ep_size, dtype=torch.float64).index_add_(0, owner, cost_E.to(torch.float64))
+    owner = torch.tensor(placement.owner, device="cpu")
+    return torch.zeros(placement.ep_size, dtype=torch.float64, device="cpu").index_add_(0, owner, cost_E.to(torch.float64))
 
 
 def imbalance(costs: Mapping[int, torch.Tensor], placements: Mapping[int, ExpertPlacement]) -> float:
@@ -56,12 +56,12 @@ def imbalance(costs: Mapping[int, torch.Tensor], placements: Mapping[int, Expert
 def _refine_by_swaps(cost: list[float], bins: list[list[int]], max_rounds: int = 10000) -> list[list[int]]:
     """Swap one expert of the most loaded bin with one of another bin while that lowers the
     pair's maximum (best swap first); stop when no swap helps. Bin sizes never change."""
-    cost_E = torch.tensor(cost, dtype=torch.float64)
-    bin_of = torch.empty(len(cost), dtype=torch.long)
+    cost_E = torch.tensor(cost, dtype=torch.float64, device="cpu")
+    bin_of = torch.empty(len(cost), dtype=torch.long, device="cpu")
     for i, b in enumerate(bins):
         bin_of[b] = i
     for _ in range(max_rounds):
-        loads = torch.zeros(len(bins), dtype=torch.float64).index_add_(0, bin_of, cost_E)
+        loads = torch.zeros(len(bins), dtype=torch.float64, device="cpu").index_add_(0, bin_of, cost_E)
         hi = int(torch.argmax(loads))
         a_A = (bin_of == hi).nonzero().squeeze(1)
         b_B = (bin_of != hi).nonzero().squeeze(1)

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from moe_dist.kernels.expert_loop import native_loop
+from moe_dist.parallel.device import check_collective_device
 from moe_dist.procfs import running
 
 SHM_DIR = Path("/dev/shm")
@@ -198,7 +199,7 @@ class HostExchange:
         need = self.header + src.numel()
         if need > self.out_buf.numel():
             self._grow(need)
-        head = torch.tensor(ranges, dtype=torch.int64)
+        head = torch.tensor(ranges, dtype=torch.int64, device="cpu")
         head[:, 0] += self.header
         self.out_buf[:self.header].view(torch.int64).copy_(head.reshape(-1))
         self.out_buf[self.header:need].copy_(src)
@@ -324,6 +325,7 @@ def host_exchange(group: dist.ProcessGroup) -> HostExchange | None:
 def all_to_all_single(out: torch.Tensor, inp: torch.Tensor, output_splits: list[int], input_splits: list[int],
                       group: dist.ProcessGroup) -> None:
     """torch.distributed.all_to_all_single, over shared memory where the group allows it."""
+    check_collective_device(inp, group, "all_to_all_single")
     exchange = host_exchange(group) if inp.device.type == "cpu" else None
     if exchange is None:
         dist.all_to_all_single(out, inp, output_splits, input_splits, group=group)

@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from moe_dist.parallel.device import check_collective_device
+
 _ALIGN = 16  # every tensor starts 16-byte aligned, so viewing bytes as any dtype is legal
 
 
@@ -27,7 +29,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype).element_size()
+        n = torch.Size(self.shape).numel() * torch.empty((), dtype=self.dtype, device="cpu").element_size()
         return n + (-n % _ALIGN)
 
 
@@ -45,7 +47,7 @@ def _pack(tensors: Sequence[torch.Tensor], specs: Sequence[TensorSpec], out_B: t
 def _unpack(buf_B: torch.Tensor, specs: Sequence[TensorSpec]) -> list[torch.Tensor]:
     out, offset = [], 0
     for spec in specs:
-        n = torch.Size(spec.shape).numel() * torch.empty((), dtype=spec.dtype).element_size()
+        n = torch.Size(spec.shape).numel() * torch.empty((), dtype=spec.dtype, device="cpu").element_size()
         out.append(buf_B[offset:offset + n].view(spec.dtype).view(spec.shape))
         offset += spec.nbytes
     return out
@@ -70,6 +72,7 @@ def exchange(outgoing: Sequence[Sequence[torch.Tensor]], send_specs: Sequence[Se
         offset += send_sizes[p]
     recv_B = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
     if size > 1:  # every member joins, even one with nothing to send or receive
+        check_collective_device(send_B, group, "expert move")
         dist.all_to_all_single(recv_B, send_B, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
                                group=group)
     else:

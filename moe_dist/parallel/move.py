@@ -216,5 +216,5 @@ def _local_tensor(mod: "ExpertParallelExperts", name: str, values: dict, optim: 
         return masks[name[: -len(".mask")]]
     if "/" in name:
         key = name.rsplit("/", 1)[0]
-        return optim[name] if name in optim else torch.zeros(params[key].shape, dtype=torch.float32)
+        return optim[name] if name in optim else torch.zeros(params[key].shape, dtype=torch.float32, device="cpu")
     return values[name] if name in values else params[name].detach().float()

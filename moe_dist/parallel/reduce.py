@@ -11,11 +11,16 @@ import torch
 import torch.distributed as dist
 
 from moe_dist.parallel import host_exchange
+from moe_dist.parallel.device import check_collective_device
 
 
 def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> None:
-    """dist.all_reduce(t, op, group) in place; nothing without a process group."""
-    if dist.is_initialized() and not host_exchange.all_reduce(t, op, group):
+    """dist.all_reduce(t, op, group) in place; nothing without a process group. `t` must be on
+    the device the group's backend takes (checked: a clear error, not NCCL's)."""
+    if not dist.is_initialized():
+        return
+    check_collective_device(t, group, "all_reduce")
+    if not host_exchange.all_reduce(t, op, group):
         dist.all_reduce(t, op=op, group=group)
 
 

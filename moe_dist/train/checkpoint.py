@@ -171,7 +171,7 @@ def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict]:
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
-               "python": torch.tensor(mt, dtype=torch.int64)}
+               "python": torch.tensor(mt, dtype=torch.int64, device="cpu")}
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state()
     meta = {"python": [version, gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}

@@ -50,6 +50,11 @@ def deepspeed_config(cfg: RunConfig, bf16: bool) -> dict:
     ds["gradient_clipping"] = cfg.train.grad_clip
     ds["bf16"] = {"enabled": bf16}
     ds.pop("fp16", None)
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) in (1, 2):
+        # every parameter 16-byte aligned in ZeRO's flat buffer (DeepSpeed's default packs them
+        # at any element offset): CUDA's grouped_mm reads adapter buckets in place from there
+        zero.setdefault("parameter_alignment", True)
     ds["zero_allow_untested_optimizer"] = True
     ds["zero_force_ds_cpu_optimizer"] = False
     ds.setdefault("steps_per_print", 10**9)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moe_dist.parallel.reduce import all_reduce
+
 
 def greedy_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int | None, max_new_tokens: int,
                     device: torch.device) -> list[list[int]]:
@@ -29,8 +31,7 @@ def greedy_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int | 
         if eos_id is not None:
             done_B |= next_B == eos_id
         all_done = done_B.all().to(torch.int32)
-        if dist.is_initialized():  # all ranks stop together, or none does
-            dist.all_reduce(all_done, op=dist.ReduceOp.MIN)
+        all_reduce(all_done, op=dist.ReduceOp.MIN)  # all ranks stop together, or none does
         if all_done.item() or step == max_new_tokens - 1:
             break
         mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
@@ -65,8 +66,7 @@ def exact_match(model, tokenizer, prompts: list[list[int]], references: list[str
                 samples.append({"reference": references[i], "generated": text})
     model.train(was_training)
     counts = torch.tensor([correct, len(mine)], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
+    all_reduce(counts)
     return {"accuracy": (counts[0] / counts[1]).item(), "correct": int(counts[0]), "total": int(counts[1]),
             "samples": samples}
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.config import RunConfig
 from moe_dist.data.dataset import DataError, RowEncoder, encode_dataset, load_rows
-from moe_dist.kernels.packed_attention import use_attention_kernel
+from moe_dist.kernels.packed_attention import flatten_packed_rows, use_attention_kernel
 from moe_dist.kernels.rms_norm import use_norm_kernel
 from moe_dist.models.arch import is_moe
 from moe_dist.models.convert import convert_dense_model
@@ -134,7 +134,8 @@ def profile_routing(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size:
     model.train()
     with torch.no_grad():
         for _ in range(micro_batches):
-            batch = {k: v.to(device) for k, v in batches.next_batch().items()}
+            batch = flatten_packed_rows({k: v.to(device) for k, v in batches.next_batch().items()},
+                                        model.config._attn_implementation)
             model(**batch, use_cache=False)
     stats = collect_routing_stats(model)
     del model

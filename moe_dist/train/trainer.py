@@ -32,6 +32,7 @@ from moe_dist.parallel.agreement import agree_on_plan
 from moe_dist.parallel.groups import writes_canonical_copy
 from moe_dist.parallel.move import MoveReport, current_placements
 from moe_dist.parallel.placement import ExpertPlacement
+from moe_dist.kernels.packed_attention import flatten_packed_rows
 from moe_dist.parallel.reduce import all_reduce, global_max, global_sum
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import RoutingStats, collect_routing_stats, experts_modules
@@ -178,7 +179,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (this rank)."""
         engine, losses = self.ds.engine, []
         for _ in range(self.cfg.train.grad_accum):
-            batch = {k: v.to(self.device) for k, v in self.batches.next_batch().items()}
+            batch = flatten_packed_rows({k: v.to(self.device) for k, v in self.batches.next_batch().items()},
+                                        self.model.config._attn_implementation)
             loss = inject_nan(engine(**batch, use_cache=False).loss, self.rank, self.step + 1)
             extra = self.method.extra_loss(self.model)
             engine.backward(loss if extra is None else loss + extra)
@@ -283,7 +285,7 @@ class Trainer:
     def _routing_tensors(self) -> dict[str, torch.Tensor]:
         r = self.routing_total
         return {} if r is None else {"tokens_LE": r.tokens_LE, "mass_LE": r.mass_LE,
-                                     "layers": torch.tensor(r.layers)}
+                                     "layers": torch.tensor(r.layers, device="cpu")}
 
     def adapter_flops_per_token(self, share_LE: torch.Tensor, layers: list[int]) -> float:
         """Expected adapter FLOPs of one token under the measured routing load."""

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moe_dist.optim import OPTIM_KEYS
+from moe_dist.parallel.device import check_collective_device
 from moe_dist.param_views import slice_of, storage_param
 
 COUNTERS = ("global_steps", "global_samples", "micro_steps")  # the engine's own step counters
@@ -156,6 +157,7 @@ def _zero_full_state(engine, params: dict[str, torch.nn.Parameter]) -> tuple[dic
         gathered_DSP = torch.empty(dp * local_SP.shape[0], local_SP.shape[1], dtype=local_SP.dtype,
                                    device=local_SP.device)  # ranks stacked along dim 0 (gloo and NCCL)
         if dp > 1:
+            check_collective_device(local_SP, dp_group, "optimizer state gather")
             dist.all_gather_into_tensor(gathered_DSP, local_SP, group=dp_group)
         else:
             gathered_DSP.copy_(local_SP)
@@ -199,7 +201,7 @@ def restore(engine, scheduler, params: dict[str, torch.Tensor], snap: EngineSnap
     base = engine.optimizer.optimizer
     for group in base.param_groups:
         for flat in group["params"]:
-            base.state[flat].update(step=torch.tensor(float(optimizer_step)), exp_avg=torch.zeros_like(flat),
+            base.state[flat].update(step=torch.tensor(float(optimizer_step), device="cpu"), exp_avg=torch.zeros_like(flat),
                                     exp_avg_sq=torch.zeros_like(flat))
     link_optimizer_state(engine)
     storage, home = _storage(params)
