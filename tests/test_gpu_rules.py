@@ -366,3 +366,56 @@ def test_the_counter_sees_what_syncs():
     assert c.counts == {"bincount": 1, "Tensor.tolist": 1, "nonzero": 1, "boolean indexing": 1,
                         "torch.tensor(host data)": 1, "repeat_interleave without output_size": 1,
                         "_local_scalar_dense": 1, "Tensor.__int__": 1}, c.counts
+
+
+# ---- flash attention on GPU ---------------------------------------------------------------------
+def test_auto_attention_takes_installed_flash_attention_on_gpu(monkeypatch):
+    from moe_dist.kernels import packed_attention as pa
+
+    class Model:
+        class config:
+            _attn_implementation = "sdpa"
+
+        def set_attn_implementation(self, name):
+            self.config._attn_implementation = name
+
+    monkeypatch.setattr(pa, "installed_flash_attention", lambda: "flash_attention_2")
+    cuda = torch.device("cuda", 0)
+    assert pa.use_attention_kernel(Model(), "auto", cuda, torch.bfloat16) == "flash_attention_2"
+    Model.config._attn_implementation = "sdpa"
+    assert pa.use_attention_kernel(Model(), "auto", cuda, torch.float32) == "sdpa"  # flash has no fp32
+    monkeypatch.setattr(pa, "installed_flash_attention", lambda: None)
+    assert pa.use_attention_kernel(Model(), "auto", cuda, torch.bfloat16) == "sdpa"
+    monkeypatch.undo()
+    assert pa.installed_flash_attention() is None  # no flash-attn on a CPU box
+
+
+def test_flattened_packed_rows_give_the_same_loss_and_gradients():
+    """What flash attention is handed (one row of B x S tokens, positions restarting per document,
+    each row's first label ignored) gives the loss and gradients of the B packed rows: run here
+    through sdpa, which takes the documents from the position ids in both layouts."""
+    from reference import build_hf
+
+    from moe_dist.kernels.packed_attention import flatten_packed_rows
+
+    hf = build_hf("olmoe").float()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, S = 3, 16
+    ids = torch.randint(3, hf.config.vocab_size, (B, S), generator=g, device="cpu")
+    pos = torch.tensor([list(range(6)) + list(range(10)), list(range(16)), list(range(9)) + list(range(7))],
+                       device="cpu")
+    labels = ids.clone()
+    labels[0, :3] = labels[2, 9:12] = -100  # prompts
+    batch = {"input_ids": ids, "position_ids": pos, "labels": labels}
+    assert flatten_packed_rows(batch, "sdpa") is batch
+    flat = flatten_packed_rows(batch, "flash_attention_2")
+    assert flat["input_ids"].shape == (1, B * S) and (flat["labels"].view(B, S)[:, 0] == -100).all()
+    results = []
+    for b in (batch, flat):
+        hf.zero_grad()
+        loss = hf(**b, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in hf.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
