@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     from moe_dist.parallel.device import init_distributed
     from moe_dist.plan import AdapterPlan
     from moe_dist.train.checkpoint import load_adapter_values
+    from moe_dist.train.engine import use_bf16
     from moe_dist.train.evaluate import exact_match
     from moe_dist.train.setup import build_model, load_eval_set, resolve_model_path
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = resolve_model_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     plan = AdapterPlan.from_json((path / "plan.json").read_text())
-    model = build_model(cfg, model_dir, plan, world, device, bf16=on_gpu and accel.is_bf16_supported())
+    model = build_model(cfg, model_dir, plan, world, device,  # the run's precision, as it trained
+                        bf16=use_bf16(cfg.train.precision, on_gpu, accel.is_bf16_supported()))
     load_adapter_values(path, adapter_params(model))
     rank0 = torch.distributed.get_rank() == 0
     eval_set = load_eval_set(cfg, tokenizer, model_dir, print if rank0 else (lambda _: None))

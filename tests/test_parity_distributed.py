@@ -95,7 +95,10 @@ def _check_rank(rank: int, world: int, archs=tuple(ARCHS), setups=tuple(SETUPS))
                 else:
                     expected = ref_grads[rank].get(k, zero)
                 g_scale = max(expected.abs().max().item(), 1e-6)
-                torch.testing.assert_close(grads.get(k), expected, atol=1e-5 * g_scale, rtol=1e-4, msg=lambda m: f"{where}: grad {k}: {m}")
+                # 2e-5: BLAS-dependent fp32 rounding; on an AMD EPYC (AVX2) host gpt_oss's
+                # layer-1 q_proj lora_A came 1.46e-7 off against 1.40e-7 allowed at 1e-5
+                # (the same on the code before issue 28)
+                torch.testing.assert_close(grads.get(k), expected, atol=2e-5 * g_scale, rtol=1e-4, msg=lambda m: f"{where}: grad {k}: {m}")
             # this rank holds exactly its experts' adapters (and all attention adapters)
             layer0 = moe_layer_indices(hf.config)[0]
             owned = set(getattr(model.model.layers[layer0], arch_spec(hf.config).block_name).experts.local_experts)

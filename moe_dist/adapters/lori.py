@@ -42,16 +42,18 @@ def global_magnitude_threshold(tensors: list[torch.Tensor], keep_fraction: float
 
 
 def sparsify_lori(params: dict[str, torch.nn.Parameter], masks: dict[str, torch.Tensor], sparsity: float,
-                  device: torch.device) -> tuple[float, float]:
+                  device: torch.device, values: dict[str, torch.Tensor] | None = None) -> tuple[float, float]:
     """Set every LoRI mask from its B's magnitude; returns (threshold, kept fraction here).
-    Collective (`device`: this rank's)."""
+    Collective (`device`: this rank's). `values`: the B to measure, by key (the fp32 masters;
+    default the parameters themselves, which a bf16 engine holds rounded)."""
+    values = params if values is None else values
     keys = sorted(masks)
-    canonical = [params[k] for k in keys if writes_canonical_copy(params[k])]
+    canonical = [values[k] for k in keys if writes_canonical_copy(params[k])]
     t = global_magnitude_threshold(canonical, 1.0 - sparsity, device)
     kept = total = 0
     with torch.no_grad():
         for k in keys:
-            masks[k].copy_((params[k].detach().abs() > t).to(masks[k].dtype))
+            masks[k].copy_((values[k].detach().abs() > t).to(masks[k].dtype))
             kept += int(masks[k].sum().item())
             total += masks[k].numel()
     return t, kept / max(total, 1)

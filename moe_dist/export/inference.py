@@ -53,11 +53,12 @@ def merge_into(model: nn.Module, ckpt: TrainedCheckpoint, base: BaseModel) -> in
             for e in range(base.num_experts):
                 f = ckpt.expert_factors(layer, e, param, base.hidden, base.intermediate)
                 if f is not None:
-                    W[e] = (W[e].double() + to_storage(f.delta(), base.spec.layout)).to(W.dtype)
+                    W[e] = (W[e].double() + to_storage(f.delta(), base.spec.layout).to(W.device)).to(W.dtype)
                     changed += 1
     for (layer, proj) in ckpt.plan.attention_ranks:
         linear = getattr(getattr(layers[layer], base.spec.attention_module(layer) if base.spec else "self_attn"), proj)
-        linear.weight.copy_(linear.weight.double() + ckpt.attention_factors(layer, proj).delta())
+        delta = ckpt.attention_factors(layer, proj).delta().to(linear.weight.device)  # factors are read on CPU
+        linear.weight.copy_(linear.weight.double() + delta)
         changed += 1
     return changed
 

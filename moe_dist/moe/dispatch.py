@@ -60,7 +60,6 @@ class AllToAllMeta:
     tokens_per_expert: list[int]  # computed rows per owned expert, local slot order (host ints)
     counts_e: torch.Tensor  # the same on the device
     num_tokens: int
-    ranks_per_token: int  # J
 
 
 @dataclass(frozen=True)
@@ -124,8 +123,7 @@ def sum_rows_into(y_ND: torch.Tensor, index_N: torch.Tensor, pos_N: torch.Tensor
     """out[t] = sum of the rows y[n] with index[n] = t, added in the order of `pos` (distinct
     keys, ascending within a t): fixed order, no atomics, and no (T x K) grid of mostly zeros.
 
-    CPU fp32 takes one sequential index_add_ (rows in order n; callers' rows come in `pos`
-    order within a t). Elsewhere the rows are sorted by `pos` and summed per segment
+    CPU fp32 takes one sequential index_add_ (in row order n: fixed as well). Elsewhere the rows are sorted by `pos` and summed per segment
     (torch.segment_reduce: one sequential pass per (segment, column) on CUDA, `unsafe` so no
     `.item()` checks), in fp32, then cast back. No host sync either way."""
     if _fixed_order_add(y_ND):
@@ -142,7 +140,7 @@ class _GatherRows(torch.autograd.Function):
     gathered rows of each source row, so backward sums a row's gradients in a fixed order."""
 
     @staticmethod
-    def forward(ctx, x_TD, index_N, pos_N, J):
+    def forward(ctx, x_TD, index_N, pos_N):
         ctx.save_for_backward(index_N, pos_N)
         ctx.T = x_TD.shape[0]
         return x_TD.index_select(0, index_N)
@@ -150,12 +148,12 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ND):
         index_N, pos_N = ctx.saved_tensors
-        return sum_rows_into(g_ND, index_N, pos_N, ctx.T), None, None, None
+        return sum_rows_into(g_ND, index_N, pos_N, ctx.T), None, None
 
 
-def gather_rows(x_TD: torch.Tensor, index_N: torch.Tensor, pos_N: torch.Tensor, J: int) -> torch.Tensor:
-    """Rows x[index] (autograd-aware); pos_N: distinct positions < T * J, see _GatherRows."""
-    return _GatherRows.apply(x_TD, index_N, pos_N, J)
+def gather_rows(x_TD: torch.Tensor, index_N: torch.Tensor, pos_N: torch.Tensor) -> torch.Tensor:
+    """Rows x[index] (autograd-aware); pos_N: distinct keys, the order of a row's gradients."""
+    return _GatherRows.apply(x_TD, index_N, pos_N)
 
 
 class _WeightedCombine(torch.autograd.Function):
@@ -222,14 +220,14 @@ class _SumPairs(torch.autograd.Function):
     """out[t] = sum of the rows sent back for token t (one per rank it reached), in rank order."""
 
     @staticmethod
-    def forward(ctx, y_SD, token_S, pos_S, T, J):
+    def forward(ctx, y_SD, token_S, pos_S, T):
         ctx.save_for_backward(token_S)
         return sum_rows_into(y_SD, token_S, pos_S, T)
 
     @staticmethod
     def backward(ctx, g_TD):
         (token_S,) = ctx.saved_tensors
-        return g_TD.index_select(0, token_S), None, None, None, None
+        return g_TD.index_select(0, token_S), None, None, None
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -265,10 +263,9 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
                  top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, LocalMeta]:
-        K = top_k_index_TK.shape[1]
         sort_N, token_N, tokens_per_expert, counts_e = self._sort_slots(top_k_index_TK)
         unsort_N = _inverse_permutation(sort_N)
-        x_ND = gather_rows(x_TD, token_N, sort_N, K)  # sort_N = t*K + k: k order within a token
+        x_ND = gather_rows(x_TD, token_N, sort_N)  # sort_N = t*K + k: k order within a token
         return x_ND, LocalMeta(unsort_N, sort_N, token_N, top_k_weights_TK, tokens_per_expert, counts_e)
 
     def combine(self, y_MD: torch.Tensor, meta: LocalMeta) -> torch.Tensor:
@@ -345,7 +342,7 @@ class AllToAllDispatcher:
                  top_k_weights_TK: torch.Tensor) -> tuple[torch.Tensor, AllToAllMeta]:
         K = top_k_index_TK.shape[1]
         x_RD, meta = self._send_rows(x_TD, top_k_index_TK, top_k_weights_TK)
-        x_QD = gather_rows(x_RD, torch.div(meta.order_Q, K, rounding_mode="floor"), meta.order_Q, K)
+        x_QD = gather_rows(x_RD, torch.div(meta.order_Q, K, rounding_mode="floor"), meta.order_Q)
         return x_QD, meta
 
     def route(self, x_TD: torch.Tensor, top_k_index_TK: torch.Tensor,
@@ -389,14 +386,14 @@ class AllToAllDispatcher:
         meta_dtype = torch.promote_types(top_k_weights_TK.dtype, torch.float32)  # exact small ints too
         w_SK = torch.where(here_SK, top_k_weights_TK[pair_token_S].to(meta_dtype), 0)
         local_SK = torch.where(here_SK, self.local_of_key_E[key_TK[pair_token_S]], -1).to(meta_dtype)
-        x_SD = gather_rows(x_TD, pair_token_S, pair_pos_S, J)
+        x_SD = gather_rows(x_TD, pair_token_S, pair_pos_S)
         x_RD, slot_meta_R2K = exchange(output_splits, input_splits, self.group, x_SD, torch.cat((w_SK, local_SK), 1))
         w_RK, local_RK = slot_meta_R2K[:, :K], slot_meta_R2K[:, K:].detach().long()
         # expand received rows to their local experts, local-expert-major (stable: row order kept)
         order_Q = torch.argsort(torch.where(local_RK >= 0, local_RK, e).reshape(-1), stable=True)
         order_Q = order_Q[: sum(tokens_per_expert)]
         meta = AllToAllMeta(w_RK.to(top_k_weights_TK.dtype), order_Q, pair_token_S, pair_pos_S, input_splits,
-                            output_splits, tokens_per_expert, counts_e, T, J)
+                            output_splits, tokens_per_expert, counts_e, T)
         return x_RD, meta
 
     def combine(self, y_QD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
@@ -408,4 +405,4 @@ class AllToAllDispatcher:
     def _return_rows(self, y_RD: torch.Tensor, meta: AllToAllMeta) -> torch.Tensor:
         """One row per received pair back to its source (one all-to-all), summed per token."""
         (y_SD,) = exchange(meta.input_splits, meta.output_splits, self.group, y_RD)
-        return _SumPairs.apply(y_SD, meta.pair_token_S, meta.pair_pos_S, meta.num_tokens, meta.ranks_per_token)
+        return _SumPairs.apply(y_SD, meta.pair_token_S, meta.pair_pos_S, meta.num_tokens)

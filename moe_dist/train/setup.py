@@ -6,6 +6,7 @@ node; everything else is the same call on every rank).
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -139,5 +140,6 @@ def profile_routing(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size:
             model(**batch, use_cache=False)
     stats = collect_routing_stats(model)
     del model
+    gc.collect()  # q, k, v's SharedInputProjections form a cycle: free the profiling model now
     batches.load_state_dict({"epoch": 0, "rows_consumed": 0})
     return stats

@@ -125,7 +125,7 @@ def _restart_lori(model: nn.Module, snap: EngineSnapshot, sparsity: float) -> tu
         for k, v in snap.values.items():
             params[k].copy_(v.to(params[k].dtype))
     masks = {k: m for mod in experts_modules(model).values() for k, m in mod.adapters.lori_masks().items()}
-    threshold, kept = sparsify_lori(params, masks, sparsity, next(model.parameters()).device)
+    threshold, kept = sparsify_lori(params, masks, sparsity, next(model.parameters()).device, snap.values)
     values = {k: (torch.zeros_like(v) if k in masks else v) for k, v in snap.values.items()}
     optim = {k: v for k, v in snap.optim.items() if k.rsplit("/", 1)[0] not in masks}
     return dataclasses.replace(snap, values=values, optim=optim), threshold, kept
