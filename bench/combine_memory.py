@@ -60,7 +60,7 @@ def grid_sum(y_ND, index_N, pos_N, T, J):
 
 
 def run_one(variant: str, case: str, tokens: int) -> dict:
-    from moe_dist.moe.dispatch import sum_rows_into
+    from moe_dist.moe.row_sums import sum_rows_into
     from moe_dist.train.memory import StepMemory
 
     R, J, order_Q, pair_token_S, pair_pos_S = routing(tokens)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.ep_count import count_tokens_per_expert
 
+from moe_dist.moe.row_sums import sum_rows_into
 from moe_dist.parallel.host_exchange import all_to_all_single
 
 
@@ -111,28 +112,6 @@ def exchange(output_splits: list[int], input_splits: list[int], group, *xs: torc
     """Rows x[sum(input_splits[:r]) : ...] of each x go to rank r; returns the rows received
     (autograd-aware)."""
     return _AllToAll.apply(output_splits, input_splits, group, *xs)
-
-
-def _fixed_order_add(g_ND: torch.Tensor) -> bool:
-    """CPU index_add_ is sequential (deterministic) and one pass; elsewhere it is atomic (GPU)
-    or would round every add (bf16), so those take `sum_rows_into` (a segment sum)."""
-    return g_ND.device.type == "cpu" and g_ND.dtype in (torch.float32, torch.float64)
-
-
-def sum_rows_into(y_ND: torch.Tensor, index_N: torch.Tensor, pos_N: torch.Tensor, T: int) -> torch.Tensor:
-    """out[t] = sum of the rows y[n] with index[n] = t, added in the order of `pos` (distinct
-    keys, ascending within a t): fixed order, no atomics, and no (T x K) grid of mostly zeros.
-
-    CPU fp32 takes one sequential index_add_ (in row order n: fixed as well). Elsewhere the rows are sorted by `pos` and summed per segment
-    (torch.segment_reduce: one sequential pass per (segment, column) on CUDA, `unsafe` so no
-    `.item()` checks), in fp32, then cast back. No host sync either way."""
-    if _fixed_order_add(y_ND):
-        return y_ND.new_zeros(T, y_ND.shape[1]).index_add_(0, index_N, y_ND)
-    lengths_T = torch.zeros(T, dtype=torch.long, device=y_ND.device).index_add_(
-        0, index_N, torch.ones_like(index_N))  # integer adds: exact in any order
-    acc = torch.promote_types(y_ND.dtype, torch.float32)
-    sorted_ND = y_ND.index_select(0, torch.argsort(pos_N)).to(acc)
-    return torch.segment_reduce(sorted_ND, "sum", lengths=lengths_T, axis=0, unsafe=True, initial=0).to(y_ND.dtype)
 
 
 class _GatherRows(torch.autograd.Function):
