@@ -64,18 +64,6 @@ def test_dispatch_combine_match_dense_reference(world, dtype_name):
     run_distributed(_check, world, dtype_name, "mixed")
 
 
-def _check_torch_all_to_all(rank: int, world: int, dtype_name: str, case: str) -> None:
-    import os
-
-    os.environ["MOE_DIST_HOST_EXCHANGE"] = "0"  # torch's all_to_all_single: the path NCCL runs
-    _check(rank, world, dtype_name, case)
-
-
-@pytest.mark.parametrize("case", ["mixed", "empty_rank"])
-def test_dispatch_over_torch_all_to_all(case):
-    run_distributed(_check_torch_all_to_all, 2, "bfloat16", case)
-
-
 @pytest.mark.parametrize("case", ["empty_rank", "all_to_rank0"])
 def test_dispatch_with_ranks_that_send_or_receive_nothing(case):
     run_distributed(_check, 2, "float32", case)

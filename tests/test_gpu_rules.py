@@ -337,19 +337,24 @@ def test_one_host_sync_per_moe_layer_at_ep1():
     _assert_budget(_count_layer_syncs(1, 0, None))
 
 
-def _ep2_syncs(rank: int, world: int) -> None:
+def _ep2_over_torch_all_to_all(rank: int, world: int) -> None:
     """Through torch's all_to_all_single, the path NCCL runs (the shared-memory exchange is
-    CPU-only machinery: its host work is not a device sync)."""
+    CPU-only machinery: its host work is not a device sync): the dispatcher against the dense
+    reference in bf16 (with a rank that has no tokens), then the layer's host-sync count."""
     import os
 
     import torch.distributed as dist
 
+    from test_dispatch_distributed import _check
+
     os.environ["MOE_DIST_HOST_EXCHANGE"] = "0"
+    _check(rank, world, "bfloat16", "mixed")
+    _check(rank, world, "bfloat16", "empty_rank")
     _assert_budget(_count_layer_syncs(2, rank, dist.group.WORLD))
 
 
 def test_one_host_sync_per_moe_layer_at_ep2():
-    run_distributed(_ep2_syncs, 2)
+    run_distributed(_ep2_over_torch_all_to_all, 2)
 
 
 def test_the_counter_sees_what_syncs():
