@@ -111,7 +111,10 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a_MI, b_GIO, offs_G):
         check_grouped_mm(a_MI, b_GIO, offs_G)
-        ctx.save_for_backward(a_MI, b_GIO, offs_G)
+        # each operand only where the other's gradient needs it (a frozen base weight's input
+        # is not kept for it), as torch's own derivative saves them
+        ctx.save_for_backward(a_MI if ctx.needs_input_grad[1] else None, b_GIO if ctx.needs_input_grad[0] else None,
+                              offs_G)
         return torch._grouped_mm(a_MI, b_GIO, offs=offs_G)
 
     @staticmethod
