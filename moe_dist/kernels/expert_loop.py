@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from moe_dist.quant.frozen import QuantizedWeight, materialize
+
 log = logging.getLogger(__name__)
 _native_module: object | None = None
 _native_tried = False
@@ -75,15 +77,19 @@ class SlotAdapter:
 
 class ExpertLoopLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_MI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],
+    def forward(ctx, x_MI: torch.Tensor, w_EOI: torch.Tensor | QuantizedWeight, counts: list[int],
                 slot_adapters: list[list[SlotAdapter]], *adapters: torch.Tensor) -> torch.Tensor:
         ctx.n_adapters, ctx.counts, ctx.slot_adapters = len(adapters), counts, slot_adapters
+        # a quantized base: dequantized here and again in backward; only its storage is kept
+        ctx.quantized = w_EOI if isinstance(w_EOI, QuantizedWeight) else None
+        w_EOI = materialize(w_EOI, x_MI.dtype)
+        saved_w = None if ctx.quantized is not None else w_EOI
         native = native_loop() if x_MI.device.type == "cpu" else None
         ctx.native = native is not None
         if native is not None:
             e = ctx.entries = _Entries(slot_adapters)
             y_MO, *ts = native.loop_forward(x_MI, w_EOI, counts, e.ptr, *e.tensors(adapters), e.lo, e.hi, e.scale)
-            ctx.save_for_backward(x_MI, w_EOI, *adapters, *ts)
+            ctx.save_for_backward(x_MI, saved_w, *adapters, *ts)
             return y_MO
         M, O = x_MI.shape[0], w_EOI.shape[1]
         y_MO = x_MI.new_empty(M, O)
@@ -101,12 +107,14 @@ class ExpertLoopLinear(torch.autograd.Function):
                 y_nP = y_nO if ad.hi - ad.lo == O else y_nO[:, ad.lo:ad.hi]
                 y_nP.addmm_(tT_Rn.t(), adapters[ad.b].t())
                 ts.append(tT_Rn)
-        ctx.save_for_backward(x_MI, w_EOI, *adapters, *ts)
+        ctx.save_for_backward(x_MI, saved_w, *adapters, *ts)
         return y_MO
 
     @staticmethod
     def backward(ctx, g_MO: torch.Tensor):
         x_MI, w_EOI, *rest = ctx.saved_tensors
+        if ctx.quantized is not None:
+            w_EOI = ctx.quantized.dense(x_MI.dtype)
         adapters, ts = rest[:ctx.n_adapters], iter(rest[ctx.n_adapters:])
         need_x = ctx.needs_input_grad[0]
         need = ctx.needs_input_grad[4:]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_dist.kernels.expert_loop import SlotAdapter, _fill_missing, native_loop
+from moe_dist.quant.frozen import QuantizedWeight, materialize
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,22 @@ class FusedExpertMLP(torch.autograd.Function):
                 w_dn_EDF: torch.Tensor, counts: list[int], entries: MLPEntries, *adapters: torch.Tensor) -> torch.Tensor:
         native = native_loop()
         e = entries
+        # quantized bases: dequantized here and again in backward; only their storage is kept
+        ctx.quantized = [w if isinstance(w, QuantizedWeight) else None for w in (w_gu_E2FD, w_dn_EDF)]
+        w_gu_E2FD, w_dn_EDF = materialize(w_gu_E2FD, x_RD.dtype), materialize(w_dn_EDF, x_RD.dtype)
         out_RD, gu_Q2F, y_QD = native.mlp_forward(x_RD, row_Q, w_Q, counts, w_gu_E2FD, w_dn_EDF, e.ptr_gu, e.ptr_dn,
                                                   *e.tensors(adapters), e.lo, e.hi, e.scale)
         ctx.counts, ctx.entries = counts, entries
-        ctx.save_for_backward(x_RD, row_Q, w_Q, w_gu_E2FD, w_dn_EDF, gu_Q2F, y_QD, *adapters)
+        ctx.save_for_backward(x_RD, row_Q, w_Q, *(None if q is not None else w for q, w in
+                                                  zip(ctx.quantized, (w_gu_E2FD, w_dn_EDF))), gu_Q2F, y_QD, *adapters)
         return out_RD
 
     @staticmethod
     def backward(ctx, g_RD: torch.Tensor):
         x_RD, row_Q, w_Q, w_gu, w_dn, gu_Q2F, y_QD, *adapters = ctx.saved_tensors
+        q_gu, q_dn = ctx.quantized
+        w_gu = q_gu.dense(x_RD.dtype) if q_gu is not None else w_gu
+        w_dn = q_dn.dense(x_RD.dtype) if q_dn is not None else w_dn
         e = ctx.entries
         need = ctx.needs_input_grad[7:]
         need_A, need_B = [need[i] for i in e.a], [need[i] for i in e.b]

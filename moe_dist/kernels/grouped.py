@@ -35,6 +35,8 @@ from typing import Sequence
 
 import torch
 
+from moe_dist.quant.frozen import QuantizedWeight
+
 ALIGN_BYTES = 16
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_GROUPS = 1024  # GroupMM.cu: "Can't process more than 1024 groups"
@@ -110,16 +112,22 @@ class _GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a_MI, b_GIO, offs_G):
+        # a quantized frozen b (e, O, I storage): dequantized here and again for grad_a
+        ctx.quantized = b_GIO if isinstance(b_GIO, QuantizedWeight) else None
+        if ctx.quantized is not None:
+            b_GIO = _dequantized_operand(ctx.quantized, a_MI.dtype)
         check_grouped_mm(a_MI, b_GIO, offs_G)
         # each operand only where the other's gradient needs it (a frozen base weight's input
         # is not kept for it), as torch's own derivative saves them
-        ctx.save_for_backward(a_MI if ctx.needs_input_grad[1] else None, b_GIO if ctx.needs_input_grad[0] else None,
-                              offs_G)
+        keep_b = ctx.needs_input_grad[0] and ctx.quantized is None
+        ctx.save_for_backward(a_MI if ctx.needs_input_grad[1] else None, b_GIO if keep_b else None, offs_G)
         return torch._grouped_mm(a_MI, b_GIO, offs=offs_G)
 
     @staticmethod
     def backward(ctx, g_MO):
         a_MI, b_GIO, offs_G = ctx.saved_tensors
+        if ctx.quantized is not None and ctx.needs_input_grad[0]:
+            b_GIO = _dequantized_operand(ctx.quantized, g_MO.dtype)
         g_MO = aligned(g_MO)
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -135,9 +143,16 @@ class _GroupedMM(torch.autograd.Function):
         return grad_a, grad_b, None
 
 
-def grouped_mm(x_MI: torch.Tensor, w_GIO: torch.Tensor, offs_G: torch.Tensor) -> torch.Tensor:
+def _dequantized_operand(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """(e, I, O) from an (e, O, I) quantized stack: MXFP4 dequantizes to (e, I, O) already, so
+    the transpose of its (e, O, I) view is contiguous and `aligned` copies nothing."""
+    return aligned(w.dense(dtype, contiguous=False).transpose(1, 2))
+
+
+def grouped_mm(x_MI: torch.Tensor, w_GIO: torch.Tensor | QuantizedWeight, offs_G: torch.Tensor) -> torch.Tensor:
     """x rows grouped by `offs_G` (cumulative row counts, int32, on x's device) times each
-    group's w: torch._grouped_mm under CUDA's rules, checked on every platform."""
+    group's w: torch._grouped_mm under CUDA's rules, checked on every platform. `w_GIO` may be
+    a frozen `QuantizedWeight` (stored e x O x I), dequantized only inside."""
     return _GroupedMM.apply(x_MI, w_GIO, offs_G)
 
 

@@ -24,6 +24,7 @@ from moe_dist.parallel.groups import expert_groups
 from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.param_views import grad_of
 from moe_dist.plan import AdapterPlan
+from moe_dist.quant.codecs import Codec
 
 # attention projections that every supported architecture computes from the same hidden states
 SHARED_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
@@ -47,12 +48,14 @@ def convert_model(
     placements: Mapping[int, ExpertPlacement] | None = None,
     lora: LoRAConfig = LoRAConfig(),
     device: torch.device | str | None = None,
+    codec: Codec | None = None,
 ) -> nn.Module:
     """Swap every MoE block's experts for `ExpertParallelExperts` holding only this rank's
     experts, add adapters per `plan`, freeze everything else. In place; returns `model`.
 
-    If the HF experts hold real weights, the owned experts' slices are copied; if they are on
-    the meta device (sharded loading), the new module's base weights are left for the loader.
+    If the HF experts hold real weights, the owned experts' slices are copied (quantized with
+    `codec` where given: moe_dist/quant); if they are on the meta device (sharded loading), the
+    new module's base weights are left for the loader.
     """
     spec = arch_spec(model.config)
     groups = expert_groups(ep_size)
@@ -87,12 +90,13 @@ def convert_model(
             device=dev,
             biases=layout.biases,
             gate_fn=gate_function(old, layout),
+            codec=codec,
         )
         if not src_meta:
             with torch.no_grad():
                 idx = torch.tensor(new.local_experts, dtype=torch.long, device=old.gate_up_proj.device)
-                new.gate_up_proj.copy_(gate_up_to_canonical(old.gate_up_proj.index_select(0, idx), layout))
-                new.down_proj.copy_(down_to_canonical(old.down_proj.index_select(0, idx), layout))
+                new.load_base_("gate_up_proj", gate_up_to_canonical(old.gate_up_proj.index_select(0, idx), layout))
+                new.load_base_("down_proj", down_to_canonical(old.down_proj.index_select(0, idx), layout))
                 if layout.biases:
                     new.gate_up_bias.copy_(gate_up_bias_to_canonical(old.gate_up_proj_bias.index_select(0, idx),
                                                                      layout))

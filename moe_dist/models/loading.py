@@ -30,6 +30,9 @@ from moe_dist.models.layout import down_to_canonical, gate_up_bias_to_canonical,
 from moe_dist.moe.experts import ExpertParallelExperts
 from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.plan import AdapterPlan
+from moe_dist.quant.checkpoint import QuantizationConfigError, load_codec, read_fp8
+from moe_dist.quant.codecs import FP8, Codec, Fp8Block, Mxfp4
+from moe_dist.quant.frozen import QuantizedLinear
 
 
 class CheckpointError(RuntimeError):
@@ -96,8 +99,9 @@ class SafetensorsIndex:
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
 
-    def read(self, key: str, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
-        """The tensor, or only row `index` of its first dimension (reads just that slice).
+    def read(self, key: str, dtype: torch.dtype | None, index: int | None = None) -> torch.Tensor:
+        """The tensor (in `dtype`, or as stored for None), or only row `index` of its first
+        dimension (reads just that slice).
 
         The file is opened per read: pages read through safetensors' mmap count in the RSS
         until the file is closed, so keeping handles open would double a rank's peak (our
@@ -106,7 +110,11 @@ class SafetensorsIndex:
             raise CheckpointError(f"{self.directory}: tensor {key!r} not found in the checkpoint")
         with safe_open(self.file_of[key], "pt") as handle:
             t = handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
-        return t.to(dtype)
+        if dtype is not None and t.dtype in (FP8, torch.float8_e5m2) and dtype != t.dtype:
+            raise CheckpointError(f"tensor {key!r} in {self.file_of[key]} is {t.dtype} and would be read as {dtype} "
+                                  "without its scales: an FP8 weight needs its weight_scale_inv and the config's "
+                                  "quantization_config (quant_method fp8, weight_block_size)")
+        return t if dtype is None else t.to(dtype)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -121,21 +129,32 @@ def load_model(
     lora: LoRAConfig = LoRAConfig(),
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    quantize: str = "none",
 ) -> nn.Module:
     """Build the expert-parallel model from a local HF directory or hub name, reading only
     this rank's experts. Frozen base weights in `dtype` (bf16 on GPU, fp32 on CPU by default);
-    adapters are fp32."""
+    adapters are fp32. A quantized checkpoint (FP8 block, MXFP4) keeps its quantized weights
+    as shipped, computing in `dtype`; `quantize` (nf4, int8) quantizes an unquantized one's
+    experts as they are read (moe_dist/quant)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or default_dtype(device)
     path = resolve_checkpoint(name_or_path)
     config = AutoConfig.from_pretrained(path)
+    try:
+        stored, expert_codec = load_codec(config, quantize, where=str(path / "config.json"))
+    except QuantizationConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     spec = arch_spec(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    convert_model(model, plan, ep_size=ep_size, placements=placements, lora=lora, device=device)
     ckpt = SafetensorsIndex(path)
-    _load_experts(model, spec, ckpt, dtype)
+    if isinstance(stored, Fp8Block):
+        _keep_fp8_linears(model, spec, ckpt, stored, dtype)
+    convert_model(model, plan, ep_size=ep_size, placements=placements, lora=lora, device=device, codec=expert_codec)
+    _load_experts(model, spec, ckpt, dtype, stored)
     _load_dense(model, spec, ckpt, dtype, device)
+    if isinstance(stored, Fp8Block):
+        _load_fp8_linears(model, spec, ckpt, stored, device)
     _rebuild_meta_buffers(model, device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
@@ -176,18 +195,24 @@ def _load_dense(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtype,
         model.lm_head.weight = model.get_input_embeddings().weight
 
 
-def _load_experts(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtype) -> None:
+def _load_experts(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtype, stored: Codec | None) -> None:
     layout = spec.layout
     for layer, block in moe_blocks(model, spec).items():
         experts: ExpertParallelExperts = block.experts
         F = experts.intermediate_size
+        if isinstance(stored, Fp8Block):
+            _load_fp8_experts(experts, spec, ckpt, layer, stored)
+            continue
+        if isinstance(stored, Mxfp4):
+            _load_mxfp4_experts(experts, spec, ckpt, layer, dtype)
+            continue
         fused, fused_down = (fused_checkpoint_key(spec, ckpt, layer, p) for p in ("gate_up_proj", "down_proj"))
         if fused is None and f"{spec.experts_path(layer)}.gate_up_proj_blocks" in ckpt:
             raise CheckpointError(
-                f"{ckpt.directory}: layer {layer}'s experts are MXFP4-quantized (gate_up_proj_blocks / _scales), which "
-                "this sharded loader does not dequantize; write a bf16 copy once with transformers: "
-                "AutoModelForCausalLM.from_pretrained(name, quantization_config=Mxfp4Config(dequantize=True), "
-                "dtype=torch.bfloat16).save_pretrained(dir), then train from dir")
+                f"{ckpt.directory}: layer {layer}'s experts are MXFP4 (gate_up_proj_blocks / _scales) but config.json "
+                "has no quantization_config {\"quant_method\": \"mxfp4\"}")
+        if experts.codec is not None:
+            dtype = torch.float32  # quantized at load from the checkpoint's full precision
         with torch.no_grad():
             for slot, e in enumerate(experts.local_experts):
                 if fused is not None and fused_down is not None:
@@ -210,8 +235,75 @@ def _load_experts(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, dtyp
                         f"{ckpt.directory}: layer {layer} expert {e} has shapes {tuple(gate_up.shape)}/"
                         f"{tuple(down.shape)}, expected {tuple(experts.gate_up_proj.shape[1:])}/{tuple(experts.down_proj.shape[1:])} (F={F})"
                     )
-                experts.gate_up_proj[slot].copy_(gate_up)
-                experts.down_proj[slot].copy_(down)
+                experts.load_base_("gate_up_proj", gate_up, slot)
+                experts.load_base_("down_proj", down, slot)
+
+
+def _load_fp8_experts(experts: ExpertParallelExperts, spec: ArchSpec, ckpt: SafetensorsIndex, layer: int,
+                      codec: Fp8Block) -> None:
+    """Each local expert's e4m3 gate / up / down and their block scales, as stored: gate and up
+    stack into gate_up along rows, whole blocks each (F a multiple of the block's rows)."""
+    F = experts.intermediate_size
+    if F % codec.block[0]:
+        raise CheckpointError(f"{ckpt.directory}: layer {layer}: expert intermediate size {F} is not a multiple of "
+                              f"weight_block_size[0]={codec.block[0]}, so gate and up cannot share one gate_up stack")
+    error = lambda msg: CheckpointError(f"{ckpt.directory}: {msg}")  # noqa: E731
+    for slot, e in enumerate(experts.local_experts):
+        g, u, d = (read_fp8(ckpt, _hub_expert_key(spec, ckpt, layer, e, n), codec, error) for n in spec.hub_expert_names)
+        experts.load_base_parts_("gate_up_proj", {"weight": torch.cat([g[0], u[0]]),
+                                                  "weight_scale_inv": torch.cat([g[1], u[1]])}, slot)
+        experts.load_base_parts_("down_proj", {"weight": d[0], "weight_scale_inv": d[1]}, slot)
+
+
+def _load_mxfp4_experts(experts: ExpertParallelExperts, spec: ArchSpec, ckpt: SafetensorsIndex, layer: int,
+                        dtype) -> None:
+    """gpt-oss: each local expert's packed blocks and exponents, rows put in canonical order
+    (gate rows first: the stored rows interleave gate and up), biases in `dtype`."""
+    path = spec.experts_path(layer)
+    keys = {n: f"{path}.{n}" for n in ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks",
+                                        "down_proj_scales", "gate_up_proj_bias", "down_proj_bias")}
+    missing = [k for k in keys.values() if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{ckpt.directory}: MXFP4 checkpoint without {missing[:3]}")
+    rows = None
+    with torch.no_grad():
+        for slot, e in enumerate(experts.local_experts):
+            parts = {n: ckpt.read(k, None, index=e) for n, k in keys.items() if not n.endswith("bias")}
+            if rows is None:
+                rows = gate_up_bias_to_canonical(torch.arange(parts["gate_up_proj_blocks"].shape[0]), spec.layout)
+            experts.load_base_parts_("gate_up_proj", {"blocks": parts["gate_up_proj_blocks"][rows],
+                                                      "scales": parts["gate_up_proj_scales"][rows]}, slot)
+            experts.load_base_parts_("down_proj", {"blocks": parts["down_proj_blocks"],
+                                                   "scales": parts["down_proj_scales"]}, slot)
+            experts.gate_up_bias[slot].copy_(gate_up_bias_to_canonical(ckpt.read(keys["gate_up_proj_bias"], dtype,
+                                                                                 index=e), spec.layout))
+            experts.down_bias[slot].copy_(ckpt.read(keys["down_proj_bias"], dtype, index=e))
+
+
+def _keep_fp8_linears(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, codec: Fp8Block, dtype) -> None:
+    """Every nn.Linear whose weight the checkpoint ships in FP8 (it has a weight_scale_inv)
+    becomes a QuantizedLinear on the meta device, before LoRA wraps the attention ones."""
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        key = _checkpoint_key(f"{name}.weight", spec, ckpt)
+        if key[: -len("weight")] + "weight_scale_inv" not in ckpt:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr,
+                QuantizedLinear(codec, module.in_features, module.out_features, module.bias is not None, dtype,
+                                device="meta"))
+
+
+def _load_fp8_linears(model: nn.Module, spec: ArchSpec, ckpt: SafetensorsIndex, codec: Fp8Block, device) -> None:
+    error = lambda msg: CheckpointError(f"{ckpt.directory}: {msg}")  # noqa: E731
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            key = _checkpoint_key(f"{name}.weight", spec, ckpt)
+            w, s = read_fp8(ckpt, key, codec, error)
+            if tuple(w.shape) != (module.out_features, module.in_features):
+                raise error(f"{key!r} has shape {tuple(w.shape)}, model expects {(module.out_features, module.in_features)}")
+            module.weight._buffers.update(weight=w.to(device), weight_scale_inv=s.to(device))
 
 
 def fused_checkpoint_key(spec: ArchSpec, ckpt: SafetensorsIndex, layer: int, param: str) -> str | None:

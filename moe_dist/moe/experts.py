@@ -31,6 +31,8 @@ from moe_dist.moe.dispatch import AllToAllDispatcher, LocalDispatcher, Routes
 from moe_dist.parallel.groups import DeepSpeedExpertLayer, ExpertGroups, mark_expert_param, zero_anchor
 from moe_dist.parallel.placement import ExpertPlacement, slot_order
 from moe_dist.plan import EXPERT_PROJECTIONS, expert_proj_layout
+from moe_dist.quant.codecs import Codec
+from moe_dist.quant.frozen import QuantizedWeight
 
 
 class ExpertParallelExperts(DeepSpeedExpertLayer):
@@ -56,10 +58,12 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
         biases: bool = False,
         gate_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         kernel: str = "auto",
+        codec: Codec | None = None,
     ):
         """`biases`: frozen per-expert biases after each projection (gpt-oss); `gate_fn`: the
         architecture's own activation on the [gate | up] rows instead of act_fn(gate) * up;
-        `kernel` (config `moe.kernel`): see `set_kernel`."""
+        `kernel` (config `moe.kernel`): see `set_kernel`; `codec`: the base weights' storage
+        (moe_dist/quant: FP8, MXFP4, NF4, int8), None for plain `dtype` tensors."""
         nn.Module.__init__(self)
         if placement.num_experts != num_experts:
             raise ValueError(f"layer {layer}: placement covers {placement.num_experts} experts, layer has {num_experts}")
@@ -76,8 +80,13 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
         self.local_experts = self.experts_by_rank[groups.ep_rank]
         self.num_local_experts = len(self.local_experts)
         e, F, D = self.num_local_experts, intermediate_size, hidden_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * F, D, dtype=dtype, device=device), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(e, D, F, dtype=dtype, device=device), requires_grad=False)
+        self.codec = codec
+        if codec is None:
+            self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * F, D, dtype=dtype, device=device), requires_grad=False)
+            self.down_proj = nn.Parameter(torch.empty(e, D, F, dtype=dtype, device=device), requires_grad=False)
+        else:  # quantized: dequantized inside the kernels only (moe_dist/quant/frozen.py)
+            self.gate_up_proj = QuantizedWeight(codec, (e, 2 * F, D), dtype, device)
+            self.down_proj = QuantizedWeight(codec, (e, D, F), dtype, device)
         self.gate_up_bias = self.down_bias = None
         if biases:
             self.gate_up_bias = nn.Parameter(torch.empty(e, 2 * F, dtype=dtype, device=device), requires_grad=False)
@@ -93,12 +102,40 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
         self.dispatcher = self._make_dispatcher(device)
         self.set_kernel(kernel)
 
-    def base_weights(self) -> dict[str, nn.Parameter]:
-        """The frozen per-expert tensors (slot-major), by name: what a move carries."""
-        out = {"gate_up_proj": self.gate_up_proj, "down_proj": self.down_proj}
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The frozen per-expert tensors (slot-major), by name: what a move carries. A quantized
+        weight carries its stored parts (`gate_up_proj:weight_scale_inv`, ...), never a dequantized copy."""
+        out: dict[str, torch.Tensor] = {}
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self, name)
+            if isinstance(w, QuantizedWeight):
+                out.update({f"{name}:{part}": t for part, t in w.parts().items()})
+            else:
+                out[name] = w
         if self.gate_up_bias is not None:
             out.update(gate_up_bias=self.gate_up_bias, down_bias=self.down_bias)
         return out
+
+    @torch.no_grad()
+    def load_base_(self, name: str, dense: torch.Tensor, slot: int | None = None) -> None:
+        """Write a dense base weight (canonical layout) into slot `slot` (None: all slots) of
+        `name` (gate_up_proj, down_proj), quantizing it where that weight is stored quantized."""
+        w = getattr(self, name)
+        if isinstance(w, QuantizedWeight):
+            for part, t in w.codec.quantize(dense.to(w.device)).items():
+                (w.parts()[part] if slot is None else w.parts()[part][slot]).copy_(t)
+        else:
+            (w if slot is None else w[slot]).copy_(dense)
+
+    @torch.no_grad()
+    def load_base_parts_(self, name: str, parts: dict[str, torch.Tensor], slot: int) -> None:
+        """Write one expert's stored parts (as the checkpoint ships them) into slot `slot`."""
+        stored = getattr(self, name).parts()
+        for part, t in parts.items():
+            if tuple(t.shape) != tuple(stored[part].shape[1:]) or t.dtype != stored[part].dtype:
+                raise ValueError(f"layer {self.layer} {name}:{part}: got {t.dtype} {tuple(t.shape)}, stored as "
+                                 f"{stored[part].dtype} {tuple(stored[part].shape[1:])}")
+            stored[part][slot].copy_(t)
 
     def _build_adapters(self, ranks: Mapping[tuple[int, str], int], device) -> None:
         layouts = {p: expert_proj_layout(p, self.hidden_size, self.intermediate_size) for p in EXPERT_PROJECTIONS}
@@ -255,14 +292,14 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
             add_lora_delta_(A, B, bucket.slots, bank.slot_index(bucket), x, out, starts, counts, counts_e,
                             slot_of_row_M)
 
-        gate_up_M2F = grouped_mm(x_MD, aligned(self.gate_up_proj.transpose(1, 2)), offs_e)
+        gate_up_M2F = grouped_mm(x_MD, _grouped_operand(self.gate_up_proj), offs_e)
         for gate, up in bank.gate_up_pairs:
             add_delta_(*bank.stacked_gate_up(gate, up, x_MD.dtype), gate, x_MD, gate_up_M2F)
         for bucket in bank.gate_up_singles:
             lo, hi = bank.columns[bucket.proj]
             add_delta_(*bank.stacked(bucket, x_MD.dtype), bucket, x_MD, gate_up_M2F[:, lo:hi])
         h_MF = self._activate(self._add_bias(gate_up_M2F, self.gate_up_bias, counts_e))
-        y_MD = grouped_mm(h_MF, aligned(self.down_proj.transpose(1, 2)), offs_e)
+        y_MD = grouped_mm(h_MF, _grouped_operand(self.down_proj), offs_e)
         for bucket in bank.buckets["down_proj"]:
             add_delta_(*bank.stacked(bucket, h_MF.dtype), bucket, h_MF, y_MD)
         if self.anchor is not None:
@@ -298,3 +335,8 @@ class ExpertParallelExperts(DeepSpeedExpertLayer):
     # ---- adapters & loading -----------------------------------------------------------
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return self.adapters.adapter_params()
+
+
+def _grouped_operand(w: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
+    """A base weight as grouped_mm's (e, I, O) operand; a quantized one is dequantized inside it."""
+    return w if isinstance(w, QuantizedWeight) else aligned(w.transpose(1, 2))
