@@ -25,6 +25,7 @@ setup(
         "tensorboard>=2.16",
         "matplotlib>=3.8",  # labelled figures in TensorBoard and bench/ plots
         "pyyaml>=6.0",
+        "bitsandbytes>=0.48",  # NF4 experts (base.quantize=nf4): its CUDA and CPU 4-bit kernels
     ],
     # The one list of dependencies: .ci/run and docker/Dockerfile both install `.[dev]` (after
     # the torch of requirements/torch.txt). `mpi`: mpirun / `deepspeed --launcher openmpi` with

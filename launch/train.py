@@ -93,6 +93,12 @@ def peek_num_experts(cfg: RunConfig) -> int | None:
         hf_config = load_hf_config(cfg.model)
     except Exception:  # unreachable hub, missing dir: reported with context when loading
         return None
+    from moe_dist.quant.checkpoint import QuantizationConfigError, load_codec
+
+    try:  # a quantization this loader does not read is refused before any work
+        load_codec(hf_config, cfg.base.quantize, where=f"{cfg.model}: config.json")
+    except QuantizationConfigError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         return expert_sizes(hf_config)[0]
     except UnsupportedModelError:

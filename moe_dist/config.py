@@ -171,6 +171,21 @@ class RepartitionSection:
 
 
 @dataclass
+class BaseSection:
+    """The frozen base model's storage."""
+
+    # none: as the checkpoint ships it (FP8 / MXFP4 checkpoints stay quantized, others in the run's
+    # precision); nf4 / int8: an unquantized checkpoint's experts quantized as they are read
+    # (QLoRA for MoE; moe_dist/quant). Dequantized only inside the expert kernels.
+    quantize: str = "none"
+
+    def validate(self, path: str) -> None:
+        from moe_dist.quant.checkpoint import QUANTIZE_CHOICES
+
+        one_of(self, path, "quantize", QUANTIZE_CHOICES)
+
+
+@dataclass
 class MoESection:
     """The expert layer's compute."""
 
@@ -237,6 +252,7 @@ class CoreConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     repartition: RepartitionSection = field(default_factory=RepartitionSection)
     export: ExportSection = field(default_factory=ExportSection)
+    base: BaseSection = field(default_factory=BaseSection)
     moe: MoESection = field(default_factory=MoESection)
     kernels: KernelsSection = field(default_factory=KernelsSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
@@ -254,7 +270,7 @@ class CoreConfig:
         method = method_class(self.method)
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
-        for name in ("lora", "data", "train", "eval", "checkpoint", "repartition", "moe", "kernels", "faults"):
+        for name in ("lora", "data", "train", "eval", "checkpoint", "repartition", "base", "moe", "kernels", "faults"):
             getattr(self, name).validate(name)
         self.export.validate("export", method.exports_as_lora)
         method.validate(self, num_experts)

@@ -25,7 +25,9 @@ from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.param_views import grad_of
 from moe_dist.plan import AdapterPlan
 from moe_dist.quant.codecs import Codec
+from moe_dist.quant.frozen import QuantizedLinear
 
+FROZEN_LINEARS = (nn.Linear, QuantizedLinear)  # what LoRA wraps: plain, or kept quantized (FP8 checkpoints)
 # attention projections that every supported architecture computes from the same hidden states
 SHARED_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
@@ -142,7 +144,7 @@ def apply_lora_moe(model: nn.Module, plan: AdapterPlan, lora: LoRAConfig, device
             if owner is None:
                 raise ValueError(f"plan: layer {layer} has no module {path!r}")
         base = getattr(owner, name, None)
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, FROZEN_LINEARS):
             raise ValueError(f"plan: layer {layer} {path!r} is not a linear layer ({type(base).__name__})")
         setattr(owner, name, LoRAMoELinear(base, layer, path, experts, plan.lora_moe_rank, plan.lora_moe_top_k, lora,
                                            device))
@@ -161,7 +163,7 @@ def _wrap_attention(model: nn.Module, spec: ArchSpec, plan: AdapterPlan, lora: L
                    f"(layer {layer} has no softmax attention module: linear attention / SSM layers take no LoRA)"))
         attn = getattr(layers[layer], attr)
         base = getattr(attn, proj, None)
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, FROZEN_LINEARS):
             raise ValueError(f"plan: layer {layer} {attr} has no linear {proj!r} (this config does not use it)")
         setattr(attn, proj, LoRALinear(base, rank, lora, f"layers.{layer}.self_attn.{proj}", device=device))
     for layer, (attr, _default, _linears) in spec.attention.items():

@@ -115,7 +115,7 @@ def build_model(cfg: RunConfig, model_dir: Path, plan: AdapterPlan, ep_size: int
         model = convert_dense_model(model, plan, lora, device)
     else:
         model = load_model(str(model_dir), plan, ep_size=ep_size, placements=placements, dtype=dtype, device=device,
-                           lora=lora)
+                           lora=lora, quantize=cfg.base.quantize)
     for experts in experts_modules(model).values():
         experts.set_kernel(cfg.moe.kernel)
     use_attention_kernel(model, cfg.kernels.attention, device, dtype)
