@@ -77,7 +77,11 @@ def load_for_inference(base: str | Path | None, adapters: str | Path, dtype: tor
     base_dir = ckpt.base_model_dir(str(base) if base is not None else None)
     info = describe_base(base_dir)
     check_plan_fits(ckpt, info)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or torch.float32).to(device)
+    from moe_dist.quant.checkpoint import dequantized_load_kwargs
+
+    # a quantized base (FP8, MXFP4) is dequantized by transformers, then the adapters fold in
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or torch.float32,
+                                                 **dequantized_load_kwargs(base_dir)).to(device)
     merge_into(model, ckpt, info)
     if ckpt.plan.lora_moe:
         lora = LoRAConfig(alpha=ckpt.lora.alpha, rslora=ckpt.lora.rslora, seed=ckpt.lora.seed)

@@ -270,7 +270,8 @@ def _load_mxfp4_experts(experts: ExpertParallelExperts, spec: ArchSpec, ckpt: Sa
         for slot, e in enumerate(experts.local_experts):
             parts = {n: ckpt.read(k, None, index=e) for n, k in keys.items() if not n.endswith("bias")}
             if rows is None:
-                rows = gate_up_bias_to_canonical(torch.arange(parts["gate_up_proj_blocks"].shape[0]), spec.layout)
+                n_rows = parts["gate_up_proj_blocks"].shape[0]
+                rows = gate_up_bias_to_canonical(torch.arange(n_rows, device="cpu"), spec.layout)
             experts.load_base_parts_("gate_up_proj", {"blocks": parts["gate_up_proj_blocks"][rows],
                                                       "scales": parts["gate_up_proj_scales"][rows]}, slot)
             experts.load_base_parts_("down_proj", {"blocks": parts["down_proj_blocks"],

@@ -105,3 +105,16 @@ def unscaled_fp8(ckpt, key: str, error: Callable[[str], Exception]) -> None:
     if tensor_dtype(ckpt, key) in (FP8, torch.float8_e5m2):
         raise error(f"tensor {key!r} in {ckpt.file_of[key].name} is FP8 with no scales this loader pairs it with "
                     f"('{key}_scale_inv' / '.weight_scale_inv' missing): refusing to cast it as if unscaled")
+
+
+def dequantized_load_kwargs(directory) -> dict:
+    """`from_pretrained` kwargs that give a plain dense model of a quantized checkpoint, through
+    transformers' own dequantization (inference after training, exports); {} if unquantized."""
+    from transformers import AutoConfig, FineGrainedFP8Config, Mxfp4Config
+
+    codec = checkpoint_codec(AutoConfig.from_pretrained(directory), f"{directory}/config.json")
+    if codec is None:
+        return {}
+    if isinstance(codec, Mxfp4):
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    return {"quantization_config": FineGrainedFP8Config(dequantize=True, weight_block_size=codec.block)}

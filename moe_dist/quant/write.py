@@ -32,7 +32,7 @@ def fp8_quantize_padded(w_OI: torch.Tensor, block: tuple[int, int]) -> dict[str,
     """Block FP8 of any (O, I): zero-padded to whole blocks, cropped back (scales stay ceil-sized)."""
     O, I = w_OI.shape  # noqa: E741
     Op, Ip = math.ceil(O / block[0]) * block[0], math.ceil(I / block[1]) * block[1]
-    padded = torch.zeros(Op, Ip, dtype=torch.float32)
+    padded = torch.zeros(Op, Ip, dtype=torch.float32, device=w_OI.device)
     padded[:O, :I] = w_OI.float()
     q = Fp8Block(block).quantize(padded)
     return {"weight": q["weight"][:O, :I].contiguous(), "weight_scale_inv": q["weight_scale_inv"]}
@@ -87,3 +87,30 @@ def write_quantized_checkpoint(model, out_dir: str | Path, fmt: str, block: tupl
                                          "lm_head"]})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m moe_dist.quant.write SRC OUT --fmt fp8_block [--block 128 128]: a quantized copy
+    of a local checkpoint (tokenizer and other files copied beside it)."""
+    import argparse
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("src")
+    parser.add_argument("out")
+    parser.add_argument("--fmt", choices=("fp8_block", "mxfp4"), required=True)
+    parser.add_argument("--block", type=int, nargs=2, default=(128, 128), help="FP8 block (rows, cols)")
+    args = parser.parse_args(argv)
+    src, out = Path(args.src), Path(args.out)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    write_quantized_checkpoint(model, out, args.fmt, tuple(args.block))
+    for f in src.iterdir():  # tokenizer, chat template, task files: everything but weights and config
+        if not (out / f.name).exists() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, out / f.name)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
