@@ -6,6 +6,9 @@ So the figure is the step peak minus the resident memory after the first step (w
 adapters, optimizer state, which the first step creates, data): on CUDA from the caching allocator's counters
 (`max_memory_allocated`), on CPU from Linux's resident-set high-water mark (`VmHWM`, reset
 through /proc/self/clear_refs). None where neither exists.
+
+`frozen_bytes` is the other half of a rank's resident memory that the run decides: the frozen
+base as stored (quantized or not), experts apart from the rest.
 """
 
 from __future__ import annotations
@@ -61,3 +64,27 @@ class StepMemory:
             peak = hwm * 1024
         self.total_gib = peak / GiB
         return max(0, peak - self.base) / GiB
+
+
+def frozen_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """This rank's resident bytes of the frozen base, as stored: `expert` (the routed experts'
+    base weights and biases, in `ExpertParallelExperts`) and `non_expert` (everything else:
+    embeddings, attention, routers, norms, shared experts, LM head). Counts each parameter that
+    does not require grad once (tied ones once) and each `QuantizedWeight`'s parts (FP8 +
+    scales, NF4 packed + absmax, ...); adapters are left out, LoRI's frozen A included."""
+    from moe_dist.models.convert import adapter_params
+    from moe_dist.moe.experts import ExpertParallelExperts
+    from moe_dist.quant.frozen import QuantizedWeight
+
+    # an expert adapter is a view of its bucket's Parameter: leave out the view and the bucket
+    skip = {id(x) for t in adapter_params(model).values() for x in (t, t._base) if x is not None}
+    expert_prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts))
+    tensors = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    tensors += [(f"{name}.{part}", t) for name, m in model.named_modules() if isinstance(m, QuantizedWeight)
+                for part, t in m.parts().items()]
+    out, seen = {"expert": 0, "non_expert": 0}, set(skip)
+    for name, t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out["expert" if name.startswith(expert_prefixes) else "non_expert"] += t.numel() * t.element_size()
+    return out

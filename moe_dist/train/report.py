@@ -17,6 +17,9 @@ def format_summary(s: dict) -> str:
         f"  step memory     {s['step_peak_memory_gib']:.2f} GiB peak over what step 1 left (max over ranks; activation "
         f"checkpointing {'on' if s.get('activation_checkpointing') else 'off'})"
         if s.get("step_peak_memory_gib") is not None else "",
+        f"  frozen base     {s['frozen_bytes_per_rank']['expert'] / 2**20:,.1f} MiB experts + "
+        f"{s['frozen_bytes_per_rank']['non_expert'] / 2**20:,.1f} MiB rest, as stored (max over ranks)"
+        if s.get("frozen_bytes_per_rank") else "",
         f"  expert balance  max/mean per-rank cost {s['expert_imbalance']:.3f} over EP {s['ep_size']}"
         if s.get("expert_imbalance") is not None else "",
         f"  logs            {s['output_dir']} (summary.json, metrics.jsonl, tensorboard/)",

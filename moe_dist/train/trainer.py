@@ -41,7 +41,7 @@ from moe_dist.train import zero_state
 from moe_dist.train.engine import build_engine
 from moe_dist.train.evaluate import exact_match
 from moe_dist.train.guard import Guard, arm_overflow_check, inject_nan
-from moe_dist.train.memory import StepMemory
+from moe_dist.train.memory import StepMemory, frozen_bytes
 from moe_dist.train.metrics import MetricsLogger
 from moe_dist.train.rebalance import Rebalancer, expert_imbalance
 from moe_dist.train.report import format_summary
@@ -390,9 +390,9 @@ class Trainer:
             "tokens_per_sec_final": tokens_per_step * len(last) / sum(last) if last else None,
             "tokens_per_step": tokens_per_step, "step_ends_s": self.step_ends,  # everything in the loop
             "first_loss": finite[0] if finite else None, "final_loss": run_losses if finite else None,
-            "skipped_steps": self.guard.nonfinite_total,
-            "activation_checkpointing": cfg.train.activation_checkpointing,
+            "skipped_steps": self.guard.nonfinite_total, "activation_checkpointing": cfg.train.activation_checkpointing,
             "step_peak_memory_gib": peak if peak >= 0 else None,
+            "frozen_bytes_per_rank": {k: int(global_max(v, self.device)) for k, v in frozen_bytes(self.model).items()},
             "accuracy_before": before["accuracy"] if before else None,
             "accuracy_after": after["accuracy"] if after else None,
             "eval_samples": after["samples"] if after else [],
