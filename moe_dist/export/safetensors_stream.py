@@ -37,9 +37,10 @@ def tensor_specs(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], di
     return {k: (v["dtype"], tuple(v["shape"])) for k, v in ordered}, meta
 
 
-def read_tensor(path: Path, name: str) -> torch.Tensor:
+def read_tensor(path: Path, name: str, index: int | None = None) -> torch.Tensor:
+    """The tensor, or only row `index` of its first dimension (one expert of a stack)."""
     with safe_open(str(path), "pt") as fh:
-        return fh.get_tensor(name)
+        return fh.get_tensor(name) if index is None else fh.get_slice(name)[index]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
