@@ -57,21 +57,26 @@ def _tokens(rank: int) -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1000 + rank))
 
 
+def reference_runs(ref, ref_tensors: dict, batches: list) -> tuple[dict, dict]:
+    """The reference's logits and adapter gradients for each rank's tokens (labels = inputs)."""
+    logits, grads = {}, {}
+    for src, ids in enumerate(batches):
+        for t in ref_tensors.values():
+            t.grad = None
+        out = ref(ids, labels=ids)
+        out.loss.backward()
+        logits[src] = out.logits.detach()
+        grads[src] = {k: t.grad.clone() for k, t in ref_tensors.items() if t.grad is not None}
+    return logits, grads
+
+
 def _check_rank(rank: int, world: int, archs=tuple(ARCHS), setups=tuple(SETUPS)) -> None:
     lora = LoRAConfig(alpha=8.0)
     for arch in archs:
         hf = build_hf(arch)
         plan = mixed_plan(hf.config)
         ref, ref_tensors = build_reference(hf, plan, lora)
-        # reference gradients for every rank's tokens
-        ref_logits, ref_grads = {}, {}
-        for src in range(world):
-            for t in ref_tensors.values():
-                t.grad = None
-            out = ref(_tokens(src), labels=_tokens(src))
-            out.loss.backward()
-            ref_logits[src] = out.logits.detach()
-            ref_grads[src] = {k: t.grad.clone() for k, t in ref_tensors.items() if t.grad is not None}
+        ref_logits, ref_grads = reference_runs(ref, ref_tensors, [_tokens(src) for src in range(world)])
         for name, ep, lists in setups:
             where = f"{arch}/{name}/rank{rank}"
             placements = None

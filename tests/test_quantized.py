@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from dist_utils import run_distributed
 from reference import build_hf, build_reference, set_b_values
-from test_parity_distributed import _tokens, mixed_plan
+from test_parity_distributed import _tokens, mixed_plan, reference_runs
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.models.arch import arch_spec, moe_blocks, moe_layer_indices
 from moe_dist.models.convert import adapter_grads, adapter_params
@@ -70,14 +70,7 @@ def _check_shipped_rank(rank: int, world: int, dirs: dict[str, str]) -> None:
         hf = transformers_dequantized(dirs[arch], arch)
         plan = mixed_plan(hf.config)
         ref, ref_tensors = build_reference(hf, plan, lora)
-        ref_logits, ref_grads = {}, {}
-        for src in range(world):
-            for t in ref_tensors.values():
-                t.grad = None
-            out = ref(_tokens(src), labels=_tokens(src))
-            out.loss.backward()
-            ref_logits[src] = out.logits.detach()
-            ref_grads[src] = {k: t.grad.clone() for k, t in ref_tensors.items() if t.grad is not None}
+        ref_logits, ref_grads = reference_runs(ref, ref_tensors, [_tokens(src) for src in range(world)])
         for ep in (1, 2):
             for kernel in ("auto", "grouped"):
                 where = f"{arch}/ep{ep}/{kernel}/rank{rank}"

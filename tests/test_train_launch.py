@@ -232,3 +232,30 @@ def test_epng_with_repartition_resumes_on_same_and_other_ep_size(tmp_path, cache
     losses_c = _losses(c)
     for step in (7, 8):
         assert losses_c[step] == pytest.approx(losses_a[step], rel=1e-3), (step, losses_a, losses_c)
+
+
+def test_fp8_base_trains_resumes_on_other_ep_size_and_stays_out_of_checkpoints(tmp_path, cache_dir):
+    """An FP8 copy of the embedded base (hub layout, 64 x 64 blocks: its dims are 128 / 64)
+    through the real launcher: EP 2, then step 2's checkpoint resumed on EP 1 follows the same
+    curve; checkpoints hold adapters only, never the frozen base or its scales."""
+    from safetensors import safe_open
+
+    from moe_dist.models.embedded import model_dir_name
+    from moe_dist.quant.write import main as write_quantized
+
+    fp8 = tmp_path / "fp8"
+    write_quantized([str(cache_dir / model_dir_name(0, PRETRAIN_STEPS)), str(fp8), "--fmt", "fp8_block",
+                     "--block", "64", "64"])
+    common = [f"model={fp8}", "train.steps=4", "eval.before=false", "eval.samples=8"]
+    a = tmp_path / "a"
+    _ok(_launch(_args(a, cache_dir, *common), port=29541))
+    losses_a = _losses(a)
+    assert losses_a[4] < losses_a[1], losses_a
+    names = [k for f in (a / "checkpoints").rglob("*.safetensors") for k in safe_open(f, "pt").keys()]
+    assert names and not [k for k in names if "scale_inv" in k or ".weight" in k and "lora" not in k], names[:8]
+    c = tmp_path / "c"
+    _ok(_launch(_args(c, cache_dir, *common, f"checkpoint.resume={a / 'checkpoints' / 'step-2'}", "ep_size=1"),
+                port=29542))
+    losses_c = _losses(c)
+    for step in (3, 4):
+        assert losses_c[step] == pytest.approx(losses_a[step], rel=1e-3), (step, losses_a, losses_c)
