@@ -242,3 +242,16 @@ def test_quantized_weight_keeps_storage_through_casts():
     assert w.dtype == torch.bfloat16 and w.dense().dtype == torch.bfloat16
     assert all(torch.equal(before[k], v) and v.dtype == before[k].dtype for k, v in w.parts().items())
     torch.testing.assert_close(w.dense().float(), dense, atol=2e-2, rtol=1e-2)
+
+
+def test_fp8_bf16_dequantize_in_chunks_rounds_once(monkeypatch):
+    """bf16 from fp32 math (as transformers' Fp8Dequantize does), a few experts at a time."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    import moe_dist.quant.codecs as codecs
+
+    codec = codecs.Fp8Block((16, 16))
+    parts = codec.quantize(torch.randn(5, 64, 48))
+    monkeypatch.setattr(codecs, "FP32_CHUNK_BYTES", 2 * 64 * 48 * 4)  # two experts a chunk: 3 chunks
+    want = _dequantize_fp8_weight(parts["weight"], parts["weight_scale_inv"], [16, 16], torch.float32).bfloat16()
+    assert torch.equal(codec.dequantize(parts, 64, 48, torch.bfloat16), want)

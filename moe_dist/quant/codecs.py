@@ -34,6 +34,7 @@ from typing import Mapping
 import torch
 
 FP8 = torch.float8_e4m3fn
+FP32_CHUNK_BYTES = 256 * 2**20  # the fp32 temporary of a bf16 FP8 dequantization, at most
 Parts = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
@@ -92,9 +93,12 @@ class Fp8Block(Codec):
         w, s = parts["weight"], parts["weight_scale_inv"]
         if dtype == torch.float32 or w.dim() == 2:
             return _dequantize_fp8_weight(w, s, list(self.block), torch.float32).to(dtype)
-        out = torch.empty(w.shape, dtype=dtype, device=w.device)  # one expert's fp32 copy at a time
-        for i in range(w.shape[0]):
-            out[i] = _dequantize_fp8_weight(w[i], s[i], list(self.block), torch.float32)
+        # a bf16 result through fp32 math, a few experts at a time: the fp32 temporary stays
+        # under FP32_CHUNK_BYTES (one DeepSeek-V3 expert projection is 56 MiB in fp32)
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+        step = max(1, FP32_CHUNK_BYTES // (4 * w[0].numel()))
+        for i in range(0, w.shape[0], step):
+            out[i:i + step] = _dequantize_fp8_weight(w[i:i + step], s[i:i + step], list(self.block), torch.float32)
         return out
 
 
