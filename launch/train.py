@@ -96,13 +96,17 @@ def peek_num_experts(cfg: RunConfig) -> int | None:
     from moe_dist.quant.checkpoint import QuantizationConfigError, load_codec
 
     try:  # a quantization this loader does not read is refused before any work
-        load_codec(hf_config, cfg.base.quantize, where=f"{cfg.model}: config.json")
+        stored, kept = load_codec(hf_config, cfg.base.quantize, where=f"{cfg.model}: config.json")
     except QuantizationConfigError as exc:
         raise ConfigError(str(exc)) from None
     try:
         return expert_sizes(hf_config)[0]
     except UnsupportedModelError:
         if cfg.method == "dmep":  # DMEP also runs on dense models
+            if stored is not None or kept is not None:
+                raise ConfigError(f"{cfg.model} is a dense model, loaded by transformers as is: a quantized base "
+                                  f"({(stored or kept).name}) is supported for MoE models only; use its bf16 "
+                                  "checkpoint and base.quantize=none") from None
             return None
         raise  # an unsupported model type fails here, listing the supported
 

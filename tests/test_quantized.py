@@ -255,3 +255,17 @@ def test_fp8_bf16_dequantize_in_chunks_rounds_once(monkeypatch):
     monkeypatch.setattr(codecs, "FP32_CHUNK_BYTES", 2 * 64 * 48 * 4)  # two experts a chunk: 3 chunks
     want = _dequantize_fp8_weight(parts["weight"], parts["weight_scale_inv"], [16, 16], torch.float32).bfloat16()
     assert torch.equal(codec.dequantize(parts, 64, 48, torch.bfloat16), want)
+
+
+def test_quantized_dense_base_refused_before_any_work(tmp_path):
+    """DMEP's dense models load through transformers as they are: no quantized base there."""
+    import launch.train as train
+    from transformers import AutoModelForCausalLM
+
+    from moe_dist.config import ConfigError
+    from moe_dist.models.tiny import tiny_config
+
+    AutoModelForCausalLM.from_config(tiny_config("qwen3")).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="dense model.*quantized base \\(nf4\\)"):
+        train.parse([f"model={tmp_path}", "method=dmep", "base.quantize=nf4", f"output_dir={tmp_path / 'out'}"])
