@@ -246,7 +246,7 @@ def test_fp8_base_trains_resumes_on_other_ep_size_and_stays_out_of_checkpoints(t
     fp8 = tmp_path / "fp8"
     write_quantized([str(cache_dir / model_dir_name(0, PRETRAIN_STEPS)), str(fp8), "--fmt", "fp8_block",
                      "--block", "64", "64"])
-    common = [f"model={fp8}", "train.steps=4", "eval.before=false", "eval.samples=8"]
+    common = [f"model={fp8}", "train.steps=4", "data.eval=", "export.formats=[]"]
     a = tmp_path / "a"
     _ok(_launch(_args(a, cache_dir, *common), port=29541))
     losses_a = _losses(a)
