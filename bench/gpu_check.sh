@@ -2,7 +2,7 @@
 # GPU check (issue 17 item 4, issue 28 item 5): what a lent CUDA GPU should confirm, in a few minutes.
 #
 #   bench/gpu_check.sh [--kit DIR]        on the GPU: results in
-#                                         bench/results/gpu_{parity,engine,hellori,train,moe_layer}.json
+#                                         bench/results/gpu_{parity,quant_parity,engine,hellori,train,moe_layer}.json
 #   bench/gpu_check.sh --dry [--kit DIR]  (or DRY=1) the same steps on CPU, small, into a scratch dir
 #
 # On the lent GPU machine (device tool: Python 3.12 with torch 2.11+cu130 and transformers 5.17;
@@ -12,7 +12,7 @@
 #     run(carry=[".gpu_kit"], timeout_s=540, command=
 #       "timeout -k 5 500 bash bench/gpu_check.sh --kit .gpu_kit 2>&1 | tee $OUT/gpu_check.log; rc=${PIPESTATUS[0]};
 #        cp bench/results/gpu_*.json $OUT/; tar czf $OUT/logs.tgz -C bench/out gpu_check; exit $rc")
-# (7 files come back: the log, the 5 results, the step logs; the inner 500 s leaves time to copy them).
+# (8 files come back: the log, the 6 results, the step logs; the inner 500 s leaves time to copy them).
 # Expected on an H100 (estimates, not yet measured there): kit install and checks ~0.5 min, parity
 # of every supported type ~2 min, zero anchor ~0.5 min, HELLoRI ~1 min, train ~1 min, layer bench
 # ~1.5 min: ~6.5 min. STEP_LIMIT (default 200 s on the GPU) ends a step that hangs (a collective
@@ -21,6 +21,9 @@
 #   1. parity (bench/gpu_parity.py): every supported architecture, world 1, EP 1 under NCCL,
 #      converted model vs the HF + LoRA reference on the device; fp32 tight, bf16 per expert
 #      layer; expert kernel forced to grouped (the GPU path) and to loop.
+#   1b. quantized bases (bench/gpu_quant_parity.py): tiny FP8 deepseek_v3 / qwen3_moe and MXFP4
+#      gpt_oss checkpoints loaded quantized, grouped and loop, fp32 tight and bf16 recorded,
+#      against transformers' own dequantized model on the device (~1 min).
 #   2. engine: (a) bench/gpu_engine_check.py: the trainer's model and engine, bf16 ZeRO-2,
 #      moe.kernel=grouped, on a plan that leaves MoE layers 0 and 2 without expert adapters, so
 #      they carry the ZeRO anchor; 10 steps, loss finite and falling, adapters changed.
@@ -91,6 +94,7 @@ if [ "$DRY" = 1 ]; then
     CACHE_DIR="${GPU_CHECK_CACHE:-$ROOT/.cache/moe_dist}" PRETRAIN=20
     STEP_LIMIT="${STEP_LIMIT:-600}"
     PARITY_ARGS=(--archs olmoe,gpt_oss)
+    QUANT_ARGS=(--archs deepseek_v3)
     ENGINE_ARGS=(--steps 3 --micro-batch 4 --seq 64)
     HELLORI_ARGS=(hellora.profile_steps=2 hellori.stage1_steps=3 train.steps=5 train.micro_batch=4)
     TRAIN_ARGS=(train.steps=5 train.warmup_steps=1 train.lr=0.01 train.micro_batch=4 train.log_every=1)
@@ -102,6 +106,7 @@ else
     CACHE_DIR="$ROOT/.cache/moe_dist" PRETRAIN=-1
     STEP_LIMIT="${STEP_LIMIT:-200}"
     PARITY_ARGS=()
+    QUANT_ARGS=()
     ENGINE_ARGS=(--steps 10)
     HELLORI_ARGS=(hellora.profile_steps=4 hellori.stage1_steps=10 train.steps=20)
     TRAIN_ARGS=(train.steps=20)
@@ -169,6 +174,10 @@ launch() {  # launch OUT ARGS...: launch/train.py on one device into a fresh OUT
 # 1. parity
 step parity "$WORK/parity.log" \
     limit "$PYTHON" bench/gpu_parity.py --device "$DEVICE" "${PARITY_ARGS[@]}" --out "$RESULTS/gpu_parity.json"
+
+# 1b. quantized bases (FP8 block, MXFP4) kept quantized: grouped and loop vs transformers' dequantized model
+step quant_parity "$WORK/quant_parity.log" \
+    limit "$PYTHON" bench/gpu_quant_parity.py --device "$DEVICE" "${QUANT_ARGS[@]}" --out "$RESULTS/gpu_quant_parity.json"
 
 # 2a. the ZeRO anchor under the bf16 ZeRO-2 engine
 step zero_anchor "$WORK/zero_anchor.log" \

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("parity", "engine", "hellori", "train", "moe_layer")
+STEPS = ("parity", "quant_parity", "engine", "hellori", "train", "moe_layer")
 GPU_RESULTS = [ROOT / "bench" / "results" / f"gpu_{n}.json" for n in STEPS]
 
 
@@ -44,6 +44,11 @@ def test_dry_mode_runs_the_three_steps_on_cpu(tmp_path, cache_dir):
             assert row["layers"], arch  # every expert layer was checked against its fp32 twin
         for row in by_dtype["fp32"].values():
             assert row["model"]["logits_max_rel"] < 1e-5, (arch, row)
+
+    quant = json.loads((results / "gpu_quant_parity.json").read_text())
+    assert quant["failures"] == [] and [r["arch"] for r in quant["results"]] == ["deepseek_v3"], quant["failures"]
+    assert set(quant["results"][0]["cases"]) == {"fp32/grouped", "fp32/loop", "bf16/grouped", "bf16/loop"}
+    assert all(row["logits_max_rel"] < 1e-5 for k, row in quant["results"][0]["cases"].items() if k.startswith("fp32"))
 
     engine = json.loads((results / "gpu_engine.json").read_text())
     assert engine["passed"] and engine["problems"] == [], engine["problems"]
