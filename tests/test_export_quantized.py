@@ -96,6 +96,7 @@ def test_merged_export_of_a_quantized_base_is_a_plain_checkpoint(run, tmp_path):
     result = export(ckpt, "merged", tmp_path / "m", log=lambda _: None)  # dtype: the base's (float32 here)
     out = tmp_path / "m"
     assert "dequantized" in result["note"] and "quantization_config removed" in result["note"], result
+    assert json.loads((out / "moe_dist_export.json").read_text())["note"] == result["note"]
     cfg = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
     names = _tensor_names(out)

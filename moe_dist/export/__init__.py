@@ -77,9 +77,11 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path, base: str | None =
             result = export_vllm(ckpt, info, tmp, base_name)
         else:
             result = export_native(ckpt, tmp)
-        write_info(tmp, ckpt.metadata(fmt, base_dir))
+        # a merged export of a quantized base says it was dequantized, beside the weights too
+        write_info(tmp, {**ckpt.metadata(fmt, base_dir), **({"note": result["note"]} if result.get("note") else {})})
     result.update(format=fmt, out=str(out), seconds=round(time.perf_counter() - t0, 3))
-    log(f"exported {ckpt.path} ({ckpt.method}, step {ckpt.step}) as {fmt} to {out} in {result['seconds']:.1f}s")
+    log(f"exported {ckpt.path} ({ckpt.method}, step {ckpt.step}) as {fmt} to {out} in {result['seconds']:.1f}s"
+        + (f": {result['note']}" if result.get("note") else ""))
     return result
 
 
