@@ -169,6 +169,17 @@ def test_adapter_exports_apply_on_the_quantized_base(run, tmp_path):
         assert_same_logits(exported_logits(fmt, tmp_path / fmt, base, ids), want, (arch, fmt))
 
 
+def test_load_for_inference_dequantizes_the_base_through_transformers(run):
+    """moe_dist.load_for_inference on a run over a quantized base: transformers' dequantized
+    model with the adapters folded in gives our model's logits."""
+    from moe_dist.export.inference import load_for_inference
+
+    arch, want, ckpt, base, _plan, ids = run
+    with torch.no_grad():
+        got = load_for_inference(base, ckpt)(ids).logits
+    assert_same_logits(got, want, (arch, "load_for_inference"))
+
+
 @pytest.mark.parametrize("run", ["deepseek_v3"], indirect=True)
 def test_fp8_weight_without_its_scale_is_named_and_nothing_written(run, tmp_path):
     _arch, _want, ckpt, base, _plan, _ids = run

@@ -69,19 +69,6 @@ def load_codec(config: Any, quantize: str = "none", where: str = "config.json") 
     return stored, stored if stored is not None else AT_LOAD.get(quantize)
 
 
-def tensor_dtype(ckpt, key: str) -> torch.dtype:
-    """A checkpoint tensor's dtype from its header (nothing read)."""
-    from safetensors import safe_open
-
-    with safe_open(ckpt.file_of[key], "pt") as handle:
-        return _DTYPES[handle.get_slice(key).get_dtype()]
-
-
-_DTYPES = {"F8_E4M3": FP8, "F8_E5M2": torch.float8_e5m2, "BF16": torch.bfloat16, "F16": torch.float16,
-           "F32": torch.float32, "F64": torch.float64, "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32,
-           "I64": torch.int64, "BOOL": torch.bool}
-
-
 def read_fp8(ckpt, key: str, codec: Fp8Block, error: Callable[[str], Exception], index: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 weight, fp32 weight_scale_inv) of `key`, checked against each other."""
@@ -98,13 +85,6 @@ def read_fp8(ckpt, key: str, codec: Fp8Block, error: Callable[[str], Exception],
         raise error(f"tensor {scale_key!r} in {ckpt.file_of[scale_key].name} has shape {tuple(s.shape)}, "
                     f"{key!r} {tuple(w.shape)} with weight_block_size {list(codec.block)} needs {want}")
     return w, s
-
-
-def unscaled_fp8(ckpt, key: str, error: Callable[[str], Exception]) -> None:
-    """An FP8 tensor read as a plain weight would be cast without its scale: refuse."""
-    if tensor_dtype(ckpt, key) in (FP8, torch.float8_e5m2):
-        raise error(f"tensor {key!r} in {ckpt.file_of[key].name} is FP8 with no scales this loader pairs it with "
-                    f"('{key}_scale_inv' / '.weight_scale_inv' missing): refusing to cast it as if unscaled")
 
 
 def dequantized_load_kwargs(directory) -> dict:
