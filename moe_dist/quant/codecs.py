@@ -26,6 +26,7 @@ What each does, and whose code it runs:
 
 from __future__ import annotations
 
+import abc
 import math
 import types
 from dataclasses import dataclass
@@ -38,19 +39,22 @@ FP32_CHUNK_BYTES = 256 * 2**20  # the fp32 temporary of a bf16 FP8 dequantizatio
 Parts = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-class Codec:
+class Codec(abc.ABC):
     """One storage format of a frozen (O, I) weight. Subclasses are frozen dataclasses."""
 
     name = "dense"
 
+    @abc.abstractmethod
     def parts(self, O: int, I: int) -> Parts:  # noqa: E741
-        raise NotImplementedError
+        """Per-weight shape and dtype of each stored tensor, by part name."""
 
+    @abc.abstractmethod
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """(..., O, I) -> its parts, leading dims kept."""
 
+    @abc.abstractmethod
     def dequantize(self, parts: Mapping[str, torch.Tensor], O: int, I: int, dtype: torch.dtype) -> torch.Tensor:  # noqa: E741
-        raise NotImplementedError
+        """Parts -> the (..., O, I) weight in `dtype` (a fresh tensor)."""
 
     def check(self, O: int, I: int) -> str | None:  # noqa: E741
         """Why an (O, I) weight cannot be stored this way (None: it can)."""
