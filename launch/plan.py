@@ -49,6 +49,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moe_dist.parallel.elastic import resolve_ep_size  # noqa: E402
+
 GiB = 2**30
 # total memory (nvidia-smi) of the cards --smallest sizes for: H100 / A100 80 GB 81,559 MiB, H200 143,771 MiB
 GPUS = {"80 GB": 81559 / 1024, "141 GB": 143771 / 1024}
@@ -220,7 +222,8 @@ def report(m: Model, world: int, ep: int, zero_stage: int, checkpointing: bool) 
 def count(model_type: str | None, cfg, world: int, zero_stage: int, bf16: bool, hf_overrides: dict,
           unquantized: bool = False) -> dict:
     m = inventory(model_type, cfg, bf16, hf_overrides, unquantized)
-    return report(m, world, cfg.ep_size or world, zero_stage, cfg.train.activation_checkpointing)
+    return report(m, world, resolve_ep_size(cfg.ep_size, world, m.num_experts or None)[0], zero_stage,
+                  cfg.train.activation_checkpointing)
 
 
 def worlds(limit: int = 4096):
@@ -266,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.recipe, overrides)
     hf = {k: int(v) if v.isdigit() else v for k, v in (item.split("=", 1) for item in args.hf)}
     m = inventory(args.model_type, cfg, not args.fp32, hf, args.unquantized)
-    out = report(m, args.world, cfg.ep_size or args.world, args.zero_stage, cfg.train.activation_checkpointing)
+    out = report(m, args.world, resolve_ep_size(cfg.ep_size, args.world, m.num_experts or None)[0], args.zero_stage,
+                 cfg.train.activation_checkpointing)
     r = out["per_rank"]
     print(f"{out['model_type']}: {out['total_params'] / 1e9:.2f}B params ({out['expert_params'] / 1e9:.2f}B in "
           f"experts); world {out['world']}, EP {out['ep_size']}, ZeRO-{out['zero_stage']}, method {out['method']}, "

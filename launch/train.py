@@ -117,7 +117,9 @@ def parse(argv: list[str] | None) -> RunConfig:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.recipe, overrides)
-    cfg.validate(world_size_from_env(), peek_num_experts(cfg))
+    num_experts = peek_num_experts(cfg)
+    cfg.validate(world_size_from_env(), num_experts)
+    elastic_defaults(cfg, num_experts)
     from moe_dist.models import embedded
     from moe_dist.train.setup import missing_tokenizer
 
@@ -126,6 +128,32 @@ def parse(argv: list[str] | None) -> RunConfig:
         if problem:
             raise ConfigError(problem)
     return cfg
+
+
+def elastic_defaults(cfg: RunConfig, num_experts: int | None) -> None:
+    """Under torchrun's elastic agent (docs/elastic.md): every worker start resumes from the
+    newest complete checkpoint (checkpoint.resume=auto unless set), and a fixed ep_size or
+    global batch that some world of `--nnodes MIN:MAX` cannot hold is refused now, not at the
+    restart that reaches that world."""
+    from moe_dist.parallel.elastic import check_ep_size, check_global_batch, elastic_launch
+
+    launch = elastic_launch()
+    if launch is None or not launch.elastic:
+        return
+    if not cfg.checkpoint.resume:
+        cfg.checkpoint.resume = "auto"
+    if launch.may_grow and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ConfigError(
+            f"an elastic launch that may grow ({launch.nodes_text()}) needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+            "every agent's environment: with the shared store torch's rendezvous keeps rank 0's address from the "
+            "round it started in, so a node that joins later waits for an address that is never written "
+            "(torch.distributed.elastic.rendezvous.dynamic_rendezvous, next_rendezvous); docs/elastic.md")
+    if launch.worlds():
+        check_ep_size(cfg.ep_size, launch.worlds(), num_experts, launch.nodes_text())
+        if cfg.train.global_batch:
+            check_global_batch(cfg.train.global_batch, launch.worlds(), launch.nodes_text())
+    if not cfg.checkpoint.every and rank_from_env() == "0" and launch.restart == 0:
+        print("warning: an elastic run without checkpoint.every: a lost node restarts it from step 0", flush=True)
 
 
 def heartbeat_dir(cfg: RunConfig) -> Path:
@@ -157,6 +185,7 @@ def run(cfg: RunConfig) -> dict:
     from deepspeed.accelerator import get_accelerator
 
     from moe_dist.parallel.device import init_distributed
+    from moe_dist.parallel.elastic import resolve_ep_size
     from moe_dist.parallel.liveness import Heartbeat, bound_collective_waits
     from moe_dist.train.stop import StopRequests
     from moe_dist.train.engine import use_bf16
@@ -170,7 +199,11 @@ def run(cfg: RunConfig) -> dict:
     Heartbeat(heartbeat_dir(cfg), rank, cfg.faults.heartbeat_s)
     stop = StopRequests(rank, cfg.faults.preempt_grace_s).install()
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, device, bf16=use_bf16(cfg.train.precision, on_gpu, accel.is_bf16_supported()), stop=stop)
+    ep_size, why = resolve_ep_size(cfg.ep_size, torch.distributed.get_world_size(), peek_num_experts(cfg))
+    if rank == 0:
+        print(why, flush=True)
+    trainer = Trainer(cfg, device, bf16=use_bf16(cfg.train.precision, on_gpu, accel.is_bf16_supported()), stop=stop,
+                      ep_size=ep_size)
     trainer.setup()
     summary = trainer.run()
     trainer.ds.engine.destroy()

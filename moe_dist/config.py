@@ -18,6 +18,7 @@ import yaml
 
 from moe_dist.methods import METHODS as _METHODS
 from moe_dist.methods import method_class, method_sections
+from moe_dist.parallel.elastic import check_global_batch, resolve_ep_size
 from moe_dist.plan import EXPERT_PROJECTIONS
 from moe_dist.validation import ConfigError, fraction, non_negative, one_of, positive
 
@@ -84,8 +85,12 @@ class DataSection:
 @dataclass
 class TrainSection:
     steps: int = 150  # optimizer steps
-    micro_batch: int = 8  # sequences per rank per micro-step
+    micro_batch: int = 8  # sequences per rank per micro-step (with global_batch: the largest allowed)
     grad_accum: int = 1
+    # sequences per optimizer step, the same at every world (elastic runs): micro_batch and
+    # grad_accum are chosen per world so that micro_batch x grad_accum x world = global_batch.
+    # 0: micro_batch x grad_accum x the world of the first start, kept by every resume.
+    global_batch: int = 0
     lr: float = 3e-3
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -104,7 +109,10 @@ class TrainSection:
 
     def validate(self, path: str) -> None:
         positive(self, path, "steps", "micro_batch", "grad_accum", "log_every")
-        non_negative(self, path, "lr", "warmup_steps", "weight_decay", "grad_clip", "figures_every")
+        non_negative(self, path, "lr", "warmup_steps", "weight_decay", "grad_clip", "figures_every", "global_batch")
+        if self.global_batch and self.grad_accum != 1:
+            raise ConfigError(f"{path}.grad_accum ({self.grad_accum}) is chosen per world from {path}.global_batch "
+                              f"({self.global_batch}); set one of them")
         one_of(self, path, "precision", ("auto", "bf16", "fp32"))
         fraction(self, path, "min_lr_ratio", closed=True)
         if self.warmup_steps > self.steps:
@@ -238,7 +246,10 @@ class CoreConfig:
 
     model: str = "embedded:tiny-olmoe"  # a local HF dir, a hub name, or the embedded default
     method: str = "lora"  # lora: adapters on every expert (+ attention); see moe_dist/methods/
-    ep_size: int = 0  # 0 = the whole world
+    # auto: the whole world where it divides the expert count, else the largest size that does;
+    # auto:N: N where it divides the world and the expert count, else the same; N: exactly N (0 =
+    # the whole world), an error where it does not fit (moe_dist/parallel/elastic.py)
+    ep_size: str = "auto"
     seed: int = 0
     ds_config: str = "ds_configs/zero2.json"
     output_dir: str = "outputs/run"
@@ -260,13 +271,9 @@ class CoreConfig:
     def validate(self, world_size: int, num_experts: int | None = None) -> None:
         """Impossible combinations, named by key, before any process-group work: the run's
         own fields, each section, then the method's checks."""
-        ep = self.ep_size or world_size
-        if self.ep_size < 0:
-            raise ConfigError(f"ep_size must be >= 0, got {self.ep_size}")
-        if world_size % ep:
-            raise ConfigError(f"ep_size ({ep}) must divide the world size ({world_size})")
-        if num_experts is not None and num_experts % ep:
-            raise ConfigError(f"ep_size ({ep}) must divide the model's expert count ({num_experts})")
+        resolve_ep_size(self.ep_size, world_size, num_experts)  # a fixed size that does not fit: named here
+        if self.train.global_batch:
+            check_global_batch(self.train.global_batch, [world_size], "this launch")
         method = method_class(self.method)
         if self.dist_timeout_s <= 0:
             raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")

@@ -147,10 +147,12 @@ def test_config_errors_name_the_key(override, message):
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "launch" / "recipes").glob("*.yaml")))
 def test_recipes_are_valid(recipe):
     from moe_dist.config import load_config
+    from moe_dist.parallel.elastic import parse_ep_size
 
     cfg = load_config(str(ROOT / "launch" / "recipes" / recipe), [])
     cfg.ds_config = str(ROOT / cfg.ds_config)
-    cfg.validate(world_size=cfg.ep_size or 2, num_experts=64 if cfg.ep_size else None)
+    _, ep = parse_ep_size(cfg.ep_size)  # the recipe's preferred EP size (auto:N or N)
+    cfg.validate(world_size=ep or 2, num_experts=64 if ep else None)
 
 
 def test_hard_arithmetic_variant(tmp_path):

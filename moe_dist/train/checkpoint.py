@@ -324,3 +324,15 @@ def load_rng_state(path: Path) -> bool:
     with safe_open(str(f), framework="pt") as sf:
         _set_rng({k: sf.get_tensor(k) for k in sf.keys()}, sf.metadata())
     return True
+
+
+def load_routing(path: Path):
+    """The routing counters the run had measured when it saved (RoutingStats), or None."""
+    from moe_dist.routing import RoutingStats
+
+    f = path / "routing.safetensors"
+    if not f.is_file():
+        return None
+    with safe_open(str(f), framework="pt") as sf:
+        t = {k: sf.get_tensor(k) for k in sf.keys()}
+    return RoutingStats([int(x) for x in t["layers"].tolist()], t["tokens_LE"], t["mass_LE"])

@@ -22,6 +22,7 @@ class MetricsLogger:
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        self.previous = last_step_row(out / "metrics.jsonl")  # what a run before this process logged last
         self.writer = SummaryWriter(str(out / "tensorboard"))
         self.jsonl = open(out / "metrics.jsonl", "a")
         # The bar appears with the first step (setup, which logs through `print`, comes first).
@@ -36,7 +37,7 @@ class MetricsLogger:
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 self.writer.add_scalar(f"train/{k}", v, step)
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, **metrics, "time": round(time.time(), 3)}) + "\n")
         self.jsonl.flush()
         self._bar().set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", refresh=False)
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
@@ -102,6 +103,23 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
 
+    def resumed(self, step: int, from_step: int, scalars: dict) -> None:
+        """The first logged step of a resumed run: a `resume` record with what the restart cost,
+        against the last step a run before this process logged (a checkpoint is at most
+        `checkpoint.every` steps old): `steps_redone` (trained, lost, trained again) and
+        `recovery_s` (from that step's log line to this one: the fault, the restart, setup and
+        the redone steps)."""
+        if not self.enabled:
+            return
+        before = self.previous or {}
+        scalars = dict(scalars, from_step=from_step, steps_redone=max(0, before.get("step", from_step) - from_step))
+        if "time" in before:
+            scalars["recovery_s"] = round(time.time() - before["time"], 3)
+        self.record(step, "resume", scalars)
+        self.print(f"resumed from step {from_step} at world {scalars.get('world')}: "
+                   f"{scalars['steps_redone']} steps redone, {scalars.get('recovery_s', float('nan')):.1f} s since "
+                   f"step {before.get('step', '-')} was logged")
+
     def print(self, text: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(text)
@@ -112,3 +130,18 @@ class MetricsLogger:
                 self.bar.close()
             self.writer.close()
             self.jsonl.close()
+
+
+def last_step_row(path: Path) -> dict | None:
+    """The last training-step row of a metrics.jsonl (None: no file or no step yet)."""
+    if not path.is_file():
+        return None
+    last = None
+    with open(path) as f:
+        for line in f:
+            if '"loss"' in line:
+                try:
+                    last = json.loads(line)
+                except ValueError:  # a line cut by a kill
+                    continue
+    return last

@@ -79,11 +79,16 @@ class Rebalancer:
         return placements, now, after, f"step {step}{' (forced)' if force else ''}"
 
 
-def expert_imbalance(model: nn.Module, plan: AdapterPlan, routing: RoutingStats | None, ep_size: int) -> float | None:
-    """Expected max/mean per-rank cost of the run's routing under the final placement."""
+def expert_imbalance(model: nn.Module, plan: AdapterPlan, routing: RoutingStats | None, ep_size: int,
+                     contiguous: bool = False) -> float | None:
+    """Expected max/mean per-rank cost of `routing` under the current placement (or, with
+    `contiguous`, under the contiguous one, for comparison)."""
     mods = experts_modules(model)
     if routing is None or not mods or ep_size == 1:
         return None
     any_mod = next(iter(mods.values()))
+    placements = current_placements(mods)
+    if contiguous:
+        placements = {l: ExpertPlacement.contiguous(p.num_experts, ep_size) for l, p in placements.items()}
     return imbalance(layer_costs(plan, routing.tokens_LE, routing.layers, any_mod.hidden_size,
-                                 any_mod.intermediate_size), current_placements(mods))
+                                 any_mod.intermediate_size), placements)

@@ -1,6 +1,64 @@
-"""The run's closing summary as the console shows it (summary.json holds the same numbers)."""
+"""The run's closing summary as the console shows it (summary.json holds the same numbers), and
+the adapter cost it reports."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_dist.models.convert import adapter_params
+from moe_dist.parallel.reduce import global_max, global_sum
+from moe_dist.routing import experts_modules
+from moe_dist.train.memory import frozen_bytes
+from moe_dist.train.rebalance import expert_imbalance
+
+
+def run_summary(tr, losses: list[float], times: list[float], tokens_per_step: int, before: dict | None,
+                after: dict | None, final: Path | None) -> dict:
+    """Collective (the loss, FLOPs and memory are all-reduced): summary.json of the Trainer `tr`."""
+    cfg, r = tr.cfg, tr.routing_total
+    flops = (adapter_flops_per_token(tr.model, tr.hf_config, r.load_share_LE(), r.layers, tr.world, tr.ep_size,
+                                     tr.device) if r is not None else None)
+    last = times[-max(1, len(times) // 4):]
+    finite = [x for x in losses if math.isfinite(x)]  # skipped steps are counted, not averaged
+    own = tr.memory.peak_gib()  # the steps' own memory (None: one step, or nothing to read), max over ranks
+    peak = global_max(-1.0 if own is None else own, tr.device)
+    run_losses = global_sum(sum(finite[-5:]) / max(1, len(finite[-5:])), tr.device) / tr.world
+    return {
+        "method": cfg.method, "model": cfg.model, "world_size": tr.world, "ep_size": tr.ep_size,
+        "trainable_params": tr.trainable_total, "adapter_flops_per_token": flops,
+        "expert_imbalance": expert_imbalance(tr.model, tr.plan, r, tr.ep_size),
+        "steps": tr.step, "tokens_per_sec": tokens_per_step * len(times) / sum(times) if times else None,
+        # after the structure changes have happened (prunes, growth): the last quarter
+        "tokens_per_sec_final": tokens_per_step * len(last) / sum(last) if last else None,
+        "tokens_per_step": tokens_per_step, "step_ends_s": tr.step_ends,  # everything in the loop
+        "sequences_per_step": cfg.train.global_batch, "micro_batch": cfg.train.micro_batch,
+        "grad_accum": cfg.train.grad_accum,
+        "first_loss": finite[0] if finite else None, "final_loss": run_losses if finite else None,
+        "skipped_steps": tr.guard.nonfinite_total, "activation_checkpointing": cfg.train.activation_checkpointing,
+        "step_peak_memory_gib": peak if peak >= 0 else None,
+        "frozen_bytes_per_rank": {k: int(global_max(v, tr.device)) for k, v in frozen_bytes(tr.model).items()},
+        "accuracy_before": before["accuracy"] if before else None,
+        "accuracy_after": after["accuracy"] if after else None,
+        "eval_samples": after["samples"] if after else [],
+        "checkpoint": None if final is None else str(final), "output_dir": cfg.output_dir,
+    }
+
+
+def adapter_flops_per_token(model: nn.Module, hf_config, share_LE: torch.Tensor, layers: list[int], world: int,
+                            ep_size: int, device: torch.device) -> float:
+    """Collective: expected adapter FLOPs of one token under the measured routing load."""
+    top_k = getattr(hf_config, "num_experts_per_tok", 1)
+    mods = experts_modules(model)
+    expert = sum(share_LE[i, e].item() * top_k * mods[layer].adapters.flops_per_token(e)
+                 for i, layer in enumerate(layers) for e in mods[layer].local_experts)
+    expert = global_sum(expert, device) / (world // ep_size)  # EDP replicas counted once
+    # Attention LoRA and LoRA-MoE run on every token (LoRA-MoE computes all its experts).
+    dense = sum(2 * p.numel() for k, p in adapter_params(model).items() if ".experts." not in k)
+    return expert + dense
 
 
 def format_summary(s: dict) -> str:

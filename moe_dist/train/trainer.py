@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -29,11 +28,12 @@ from moe_dist.models.arch import shape_summary
 from moe_dist.models.convert import adapter_params
 from moe_dist.parallel import ds_comm
 from moe_dist.parallel.agreement import agree_on_plan
+from moe_dist.parallel.elastic import elastic_launch, resolve_ep_size
 from moe_dist.parallel.groups import writes_canonical_copy
 from moe_dist.parallel.move import MoveReport, current_placements
 from moe_dist.parallel.placement import ExpertPlacement
 from moe_dist.kernels.packed_attention import flatten_packed_rows
-from moe_dist.parallel.reduce import all_reduce, global_max, global_sum
+from moe_dist.parallel.reduce import all_reduce, global_sum
 from moe_dist.plan import AdapterPlan
 from moe_dist.routing import RoutingStats, collect_routing_stats, experts_modules
 from moe_dist.train import checkpoint as ckpt
@@ -41,11 +41,11 @@ from moe_dist.train import zero_state
 from moe_dist.train.engine import build_engine
 from moe_dist.train.evaluate import exact_match
 from moe_dist.train.guard import Guard, arm_overflow_check, inject_nan
-from moe_dist.train.memory import StepMemory, frozen_bytes
+from moe_dist.train.memory import StepMemory
 from moe_dist.train.metrics import MetricsLogger
 from moe_dist.train.rebalance import Rebalancer, expert_imbalance
-from moe_dist.train.report import format_summary
-from moe_dist.train.resume import check_resume_config, scale_schedule
+from moe_dist.train.report import format_summary, run_summary
+from moe_dist.train.resume import batch_layout, check_resume_config, scale_schedule, with_saved_global_batch
 from moe_dist.train.setup import (build_model, check_tokenizer, load_eval_set, profile_routing, resolve_data_source,
                                   resolve_model_path)
 from moe_dist.train.stop import Preempted, StopRequests
@@ -53,19 +53,25 @@ from moe_dist.train.structure import Engine, change_structure, start_engine
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, device: torch.device, bf16: bool, stop: StopRequests | None = None):
-        self.cfg, self.device, self.bf16 = cfg, device, bf16
+    def __init__(self, cfg: RunConfig, device: torch.device, bf16: bool, stop: StopRequests | None = None,
+                 ep_size: int | None = None):
+        """`ep_size`: as launch/train.py resolved it (with the model's expert count); `cfg` is
+        taken with the global batch split for this world (resume.batch_layout)."""
+        self.device, self.bf16 = device, bf16
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        self.ep_size = cfg.ep_size or self.world
+        self.ep_size = ep_size or resolve_ep_size(cfg.ep_size, self.world, None)[0]
         self.is_main = self.rank == 0
         self.resume_from = ckpt.agreed_resume_path(cfg.checkpoint.resume, cfg.output_dir, self.log)
         self.saved = ckpt.read_trainer_state(self.resume_from) if self.resume_from is not None else None
-        self.lr_factor = check_resume_config(self.saved["config"], cfg, self.resume_from) if self.saved else 1.0
+        self.cfg = cfg = batch_layout(cfg, self.world, self.saved, elastic_launch())
+        self.lr_factor = (check_resume_config(with_saved_global_batch(self.saved), cfg, self.resume_from)
+                          if self.saved else 1.0)
         self.step = self.saved["step"] if self.saved else 0
         self.stop = stop or StopRequests(self.rank, cfg.faults.preempt_grace_s)  # (installed by launch/train.py)
         self.guard = Guard(cfg.faults.max_nonfinite_steps, cfg.faults.stall_steps, device)
         self.last_loss = float("nan")  # the job's mean loss of the last logged step (recorded with checkpoints)
         self.stop_now = False  # a stop request reached every rank with this step's flags
+        self.resume_reported = False
         self.method = method_class(cfg.method)(cfg)
         self.rebalancer = Rebalancer(cfg, self.ep_size)
         self.routing_total: RoutingStats | None = None  # summed over the run (every log step)
@@ -92,8 +98,8 @@ class Trainer:
         placements = None
         if self.saved is not None:
             self.plan = AdapterPlan.from_json((self.resume_from / "plan.json").read_text())
-            if self.saved.get("placements") and self.saved["ep_size"] == self.ep_size:  # same EP size: keep the balance
-                placements = {int(l): ExpertPlacement(tuple(o), self.ep_size) for l, o in self.saved["placements"].items()}
+            self.routing_total = ckpt.load_routing(self.resume_from)  # the run's routing so far
+            placements = self._resume_placements()
         else:
             placements = self._start_plan()
         self.model = build_model(cfg, self.model_dir, self.plan, self.ep_size, self.device, self.bf16, placements)
@@ -147,6 +153,22 @@ class Trainer:
         self.record_move(f"{self.cfg.method} placement (built in place, nothing moved)", report, placements)
         return placements
 
+    def _resume_placements(self) -> dict[int, ExpertPlacement] | None:
+        """At the saved EP size the saved placement; at another (an elastic restart, a resume
+        by hand), the placement that balances the routing the checkpoint measured, built in
+        place (the repartitioner's policy); without routing, contiguous."""
+        saved = self.saved
+        if saved.get("placements") and saved["ep_size"] == self.ep_size:
+            return {int(l): ExpertPlacement(tuple(o), self.ep_size) for l, o in saved["placements"].items()}
+        balanced = (self.rebalancer.initial(self.plan, self.routing_total, self.hf_config)
+                    if self.routing_total is not None else None)
+        if balanced is None:
+            return None
+        placements, report = balanced
+        self.record_move(f"resume at EP {self.ep_size} (saved at EP {saved['ep_size']}): balanced from the "
+                         "checkpoint's routing (built in place)", report, placements)
+        return placements
+
     def _setup_data(self) -> None:
         cfg, d = self.cfg, self.cfg.data
         encoder = RowEncoder(self.tokenizer, d.prompt_column, d.response_column, d.messages_column)
@@ -189,6 +211,7 @@ class Trainer:
         fail_at = os.environ.get("MOE_DIST_FAIL_AT")  # "rank:step": a test hook for crash handling
         if fail_at and fail_at == f"{self.rank}:{self.step + 1}":
             raise RuntimeError(f"injected failure (MOE_DIST_FAIL_AT={fail_at})")
+        time.sleep(float(os.environ.get("MOE_DIST_STEP_PAUSE_S", "0")))  # a test hook: steps slow enough to fault
         return torch.stack(losses).mean().item()
 
     def after_step(self, loss: float) -> None:
@@ -287,17 +310,6 @@ class Trainer:
         return {} if r is None else {"tokens_LE": r.tokens_LE, "mass_LE": r.mass_LE,
                                      "layers": torch.tensor(r.layers, device="cpu")}
 
-    def adapter_flops_per_token(self, share_LE: torch.Tensor, layers: list[int]) -> float:
-        """Expected adapter FLOPs of one token under the measured routing load."""
-        top_k = getattr(self.hf_config, "num_experts_per_tok", 1)
-        mods = experts_modules(self.model)
-        expert = sum(share_LE[i, e].item() * top_k * mods[layer].adapters.flops_per_token(e)
-                     for i, layer in enumerate(layers) for e in mods[layer].local_experts)
-        expert = global_sum(expert, self.device) / (self.world // self.ep_size)  # EDP replicas counted once
-        # Attention LoRA and LoRA-MoE run on every token (LoRA-MoE computes all its experts).
-        dense = sum(2 * p.numel() for k, p in adapter_params(self.model).items() if ".experts." not in k)
-        return expert + dense
-
     # ---- the run ----------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, logger = self.cfg, self.logger
@@ -329,10 +341,13 @@ class Trainer:
                 elapsed = time.perf_counter() - t_log
                 mean_loss = global_sum(sum(losses[-steps_since_log:]) / steps_since_log, self.device) / self.world
                 self.last_loss = mean_loss
+                if self.saved is not None and not self.resume_reported:  # (before the step's own line)
+                    self.report_resume(stats)
                 logger.step(self.step, {"loss": mean_loss, "lr": self.ds.scheduler.get_last_lr()[0],
                                         "grad_norm": float(self.ds.engine.get_global_grad_norm() or 0.0),
                                         "tokens_per_sec": tokens_per_step * steps_since_log / elapsed,
-                                        "trainable_params": self.trainable_total})
+                                        "trainable_params": self.trainable_total,
+                                        "sequences": cfg.train.global_batch, "world": self.world})
                 figures = stats  # the latest window's routing, drawn every figures_every steps and at the end
                 if cfg.train.figures_every and self.step % cfg.train.figures_every == 0:
                     logger.routing(self.step, stats)
@@ -356,12 +371,22 @@ class Trainer:
             found = ckpt.complete_checkpoints(ckpt.checkpoint_root(cfg.output_dir))
             final = found[-1][1] if found else None
         logger.close()
-        summary = self.summary(losses, times, tokens_per_step, before, after, final)
+        summary = run_summary(self, losses, times, tokens_per_step, before, after, final)
         if self.is_main:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log(format_summary(summary))
         return summary
+
+    def report_resume(self, stats: RoutingStats) -> None:
+        """Once, at the first logged step after a resume: the world before and after, what the
+        restart cost (metrics.py) and the expert balance of this window's routing."""
+        self.resume_reported, s, launch = True, self.saved, elastic_launch()
+        self.logger.resumed(self.step, s["step"], {
+            "world": self.world, "ep_size": self.ep_size, "saved_world": s["world_size"], "saved_ep_size": s["ep_size"],
+            "restart": launch.restart if launch else 0,
+            "expert_imbalance": expert_imbalance(self.model, self.plan, stats, self.ep_size) or 1.0,
+            "expert_imbalance_contiguous": expert_imbalance(self.model, self.plan, stats, self.ep_size, True) or 1.0})
 
     def preempt(self) -> None:
         """Every rank got the stop with the same step's flags: checkpoint, end the run non-zero."""
@@ -370,31 +395,3 @@ class Trainer:
         where = f"checkpoint {path} written" if path else "no checkpoint written (state not finite)"
         raise Preempted(f"stopped by {self.stop.reason or 'a peer rank'} after step {self.step}: {where}; continue "
                         "with checkpoint.resume=auto (the same command)")
-
-    def summary(self, losses: list[float], times: list[float], tokens_per_step: int, before: dict | None,
-                after: dict | None, final: Path) -> dict:
-        """Collective (the loss and FLOPs are all-reduced)."""
-        cfg, r = self.cfg, self.routing_total
-        flops = self.adapter_flops_per_token(r.load_share_LE(), r.layers) if r is not None else None
-        last = times[-max(1, len(times) // 4):]
-        finite = [x for x in losses if math.isfinite(x)]  # skipped steps are counted, not averaged
-        own = self.memory.peak_gib()  # the steps' own memory (None: one step, or nothing to read), max over ranks
-        peak = global_max(-1.0 if own is None else own, self.device)
-        run_losses = global_sum(sum(finite[-5:]) / max(1, len(finite[-5:])), self.device) / self.world
-        return {
-            "method": cfg.method, "model": cfg.model, "world_size": self.world, "ep_size": self.ep_size,
-            "trainable_params": self.trainable_total, "adapter_flops_per_token": flops,
-            "expert_imbalance": expert_imbalance(self.model, self.plan, r, self.ep_size),
-            "steps": self.step, "tokens_per_sec": tokens_per_step * len(times) / sum(times) if times else None,
-            # after the structure changes have happened (prunes, growth): the last quarter
-            "tokens_per_sec_final": tokens_per_step * len(last) / sum(last) if last else None,
-            "tokens_per_step": tokens_per_step, "step_ends_s": self.step_ends,  # everything in the loop
-            "first_loss": finite[0] if finite else None, "final_loss": run_losses if finite else None,
-            "skipped_steps": self.guard.nonfinite_total, "activation_checkpointing": cfg.train.activation_checkpointing,
-            "step_peak_memory_gib": peak if peak >= 0 else None,
-            "frozen_bytes_per_rank": {k: int(global_max(v, self.device)) for k, v in frozen_bytes(self.model).items()},
-            "accuracy_before": before["accuracy"] if before else None,
-            "accuracy_after": after["accuracy"] if after else None,
-            "eval_samples": after["samples"] if after else [],
-            "checkpoint": None if final is None else str(final), "output_dir": cfg.output_dir,
-        }

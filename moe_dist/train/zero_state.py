@@ -230,6 +230,9 @@ def restore(engine, scheduler, params: dict[str, torch.Tensor], snap: EngineSnap
             group["lr"] = lr
     for k, v in snap.counters.items():
         setattr(engine, k, v)
+    if "global_steps" in snap.counters:  # DeepSpeed's accumulation boundary is (micro_steps + 1) % gas == 0: a
+        # resume at another world splits the global batch into another number of micro-steps
+        engine.micro_steps = snap.counters["global_steps"] * engine.gradient_accumulation_steps()
 
 
 def destroy_engine(engine) -> None:
