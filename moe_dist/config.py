@@ -26,6 +26,7 @@ __all__ = ["ConfigError", "RunConfig", "config_from_dict", "load_config"]
 
 
 EXPORT_FORMATS = ("merged", "peft", "vllm", "moe_dist")
+EVAL_METRICS = ("loss", "exact_match")
 EXPORT_DTYPES = ("", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 
 
@@ -68,6 +69,9 @@ class DataSection:
     subset: str = ""  # a hub dataset's configuration name (load_dataset's second argument)
     train_split: str = "train"
     eval_split: str = "test"
+    # > 0: hold this fraction of data.train's rows out for evaluation (seeded, by datasets'
+    # train_test_split) and train on the rest: for a dataset without a test split
+    eval_fraction: float = 0.0
     prompt_column: str = "prompt"
     response_column: str = "response"
     messages_column: str = "messages"  # chat rows, used when the prompt column is absent
@@ -76,6 +80,10 @@ class DataSection:
 
     def validate(self, path: str) -> None:
         positive(self, path, "seq_len")
+        fraction(self, path, "eval_fraction")
+        if self.eval_fraction and self.eval and self.eval != self.train:
+            raise ConfigError(f"{path}.eval_fraction holds rows of {path}.train out for evaluation; {path}.eval "
+                              f"({self.eval!r}) names another dataset: set one of them")
         for name in ("train", "eval"):  # an empty local file: said now, not after the model is built
             source = Path(getattr(self, name))
             if getattr(self, name) and source.is_file() and source.stat().st_size == 0:
@@ -121,6 +129,10 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
+    # loss: mean token loss and perplexity on the held-out split (any data); exact_match: greedy
+    # generation compared with the reference answer (short single answers, e.g. arithmetic).
+    # [] = [loss] for user data, [loss, exact_match] for the embedded tasks
+    metrics: list[str] = field(default_factory=list)
     every: int = 0  # evaluate every N steps (0 = before and after training only)
     samples: int = 200  # held-out prompts (0 = the whole split)
     max_new_tokens: int = 40
@@ -130,6 +142,14 @@ class EvalSection:
     def validate(self, path: str) -> None:
         positive(self, path, "max_new_tokens", "batch_size")
         non_negative(self, path, "every", "samples")
+        unknown = [m for m in self.metrics if m not in EVAL_METRICS]
+        if unknown:
+            raise ConfigError(f"{path}.metrics: {unknown} not in {list(EVAL_METRICS)}")
+
+    def metric_list(self, eval_source: str) -> tuple[str, ...]:
+        if self.metrics:
+            return tuple(self.metrics)
+        return EVAL_METRICS if eval_source.startswith("embedded:") else ("loss",)
 
 
 @dataclass

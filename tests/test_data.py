@@ -205,7 +205,9 @@ def test_eval_warns_when_max_new_tokens_cuts_references(cache_dir):
     overrides = [f"model={model_dir}", "data.eval=embedded:arithmetic-hard", "eval.samples=100"]
     cfg = load_config(str(ROOT / "launch" / "recipes" / "tiny_lora.yaml"), overrides)
     lines: list[str] = []
-    prompts, refs = load_eval_set(cfg, tok, model_dir, lines.append)
+    held = load_eval_set(cfg, tok, model_dir, lines.append)
+    assert held.metrics == ("loss", "exact_match") and held.loss_rows  # both, for an embedded task
+    refs = held.references
     cut, longest = references_longer_than(tok, refs, cfg.eval.max_new_tokens)
     assert cfg.eval.max_new_tokens == 40 and cut > 0 and longest > 40
     warning = [ln for ln in lines if ln.startswith("WARNING: eval.max_new_tokens=40")]

@@ -286,7 +286,8 @@ def test_greedy_generation_of_exports_matches_the_checkpoint(checkpoints, tmp_pa
     t.config.eval.samples = 24
     model = trained_model(ckpt)
     tokenizer = load_exported(str(tmp_path / "merged"))[1]
-    prompts, refs = load_eval_set(t.config, tokenizer, t.base_model_dir())
+    held = load_eval_set(t.config, tokenizer, t.base_model_dir())
+    prompts, refs = held.prompts, held.references
     want = [row for i in range(0, len(prompts), 8)  # the same batches as below: same padding
             for row in greedy_generate(model, prompts[i:i + 8], tokenizer.pad_token_id, tokenizer.eos_token_id, 12,
                                        torch.device("cpu"))]

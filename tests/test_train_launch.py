@@ -66,6 +66,7 @@ def test_train_crash_resume_and_resume_on_other_ep_size(tmp_path, cache_dir):
     assert summary["world_size"] == 2 and summary["ep_size"] == 2 and summary["steps"] == 8
     assert summary["trainable_params"] > 0 and summary["adapter_flops_per_token"] > 0
     assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.05, summary  # the held-out loss falls
     losses_a = _losses(a)
     assert sorted(losses_a) == list(range(1, 9))
     assert losses_a[8] < losses_a[1] - 0.05, losses_a  # it trains
@@ -79,6 +80,11 @@ def test_train_crash_resume_and_resume_on_other_ep_size(tmp_path, cache_dir):
     _ok(proc)
     result = json.loads((tmp_path / "eval" / "eval-step-8.json").read_text())
     assert result["total"] == 16 and abs(result["accuracy"] - summary["accuracy_after"]) <= 1 / 16
+    # the held-out loss at EP 1 (one process) equals the run's own at EP 2 on the same weights
+    assert result["loss"] == pytest.approx(summary["eval_loss_after"], rel=1e-5), (result, summary)
+    rows = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 8]  # before and after, with exact match
+    assert all("eval_exact_match" in r and r["eval_perplexity"] > 1 for r in rows if "eval_loss" in r)
 
     # B: rank 1 dies during step 5; the job ends non-zero naming the rank and the cause, fast.
     b = tmp_path / "b"
@@ -106,12 +112,30 @@ def test_train_crash_resume_and_resume_on_other_ep_size(tmp_path, cache_dir):
     assert json.loads((c / "summary.json").read_text())["ep_size"] == 1
 
 
-def test_plain_python_world_of_one_with_offload(tmp_path, cache_dir):
-    out = tmp_path / "one"
-    _ok(_python(_args(out, cache_dir, "train.steps=3", "checkpoint.every=0", "eval.before=false",
-                      "ds_config=ds_configs/zero2_offload.json")))
+def _chat_rows(n: int) -> list[dict]:
+    """Conversations with free-form answers (exact match says ~0 before and after), in words
+    the embedded tokenizer knows."""
+    names = ["Ann", "Bo", "Cy", "Di"]
+    return [{"messages": [
+        {"role": "user", "content": f"Tell me about {names[i % 4]} and the apples."},
+        {"role": "assistant", "content": f"{names[i % 4]} has {i % 9 + 2} apples. {names[(i + 1) % 4]} gives "
+                                         f"{i % 5 + 1} more, so {names[i % 4]} has {i % 9 + i % 5 + 3} apples now."}]}
+        for i in range(n)]
+
+
+def test_plain_python_world_of_one_with_offload_on_chat_data(tmp_path, cache_dir):
+    """One process, optimizer offload, a chat dataset in `messages` form without a test split:
+    data.eval_fraction holds rows out; the run reports held-out loss (the default metric for
+    user data), no exact match."""
+    out, chat = tmp_path / "one", tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in _chat_rows(200)))
+    proc = _python(_args(out, cache_dir, "train.steps=3", "checkpoint.every=0", f"data.train={chat}", "data.eval=",
+                         "data.eval_fraction=0.1", "ds_config=ds_configs/zero2_offload.json"))
+    _ok(proc)
+    assert "20 of 200 rows of" in proc.stdout and "held out for evaluation" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["ep_size"] == 1 and summary["steps"] == 3
+    assert summary["accuracy_after"] is None and summary["eval_loss_after"] < summary["eval_loss_before"], summary
     ends = summary["step_ends_s"]  # what bench/e2e.py times the run by: one increasing stamp per step
     assert len(ends) == 3 and all(b > a > 0 for a, b in zip(ends, ends[1:]))
 

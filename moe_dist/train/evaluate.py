@@ -1,4 +1,6 @@
-"""Greedy-generation exact-match accuracy on a held-out split, on every rank at once.
+"""Evaluation on a held-out split, on every rank at once: the mean token loss (the measure
+every trainer reports, meaningful on any data) and greedy-generation exact match (for tasks
+with one short right answer, like the embedded arithmetic).
 
 HF `generate` cannot be used with expert parallelism: it stops when *its* sequences end, and a
 rank that stops early leaves the others waiting in an all-to-all forever. Here every rank runs
@@ -9,9 +11,12 @@ together, whether every sequence has ended.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
+from moe_dist.data.dataset import IGNORE_INDEX
 from moe_dist.parallel.reduce import all_reduce
 
 
@@ -96,3 +101,36 @@ def generate_exact_match(model, tokenizer, prompts: list[list[int]], references:
             if len(samples) < 3:
                 samples.append({"reference": references[start + i], "generated": text})
     return {"accuracy": correct / max(1, len(prompts)), "correct": correct, "total": len(prompts), "samples": samples}
+
+
+@torch.no_grad()
+def token_loss(model, rows: list[dict], micro_batch: int, device: torch.device) -> dict:
+    """Mean token loss (and perplexity) of held-out rows, packed or padded exactly as training
+    packs them, over all ranks: this rank takes rows rank::world in batches of `micro_batch`,
+    every rank runs the same number of forward passes (expert parallelism: an all-to-all per
+    MoE layer), a rank out of rows runs a batch whose labels are all ignored. The loss is the
+    sum of every scored token's loss over the count, whatever the batch boundaries: the same
+    number at any EP size up to reduction order."""
+    from moe_dist.kernels.packed_attention import flatten_packed_rows
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = rows[rank::world]
+    batches = -(-(-(-len(rows) // world)) // micro_batch)
+    was_training = model.training
+    model.eval()
+    attn = model.config._attn_implementation
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+    for b in range(batches):
+        chunk = mine[b * micro_batch: (b + 1) * micro_batch]
+        batch = {k: torch.tensor([r[k] for r in (chunk or rows[:1])], device=device) for k in rows[0]}
+        if not chunk:  # this rank's rows ran out: it still takes part, scoring nothing
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        batch = flatten_packed_rows(batch, attn)
+        tokens = (batch["labels"][..., 1:] != IGNORE_INDEX).sum()
+        loss = model(**batch, use_cache=False).loss
+        if tokens > 0:
+            total += torch.stack([loss.double() * tokens, tokens.double()])
+    model.train(was_training)
+    all_reduce(total)
+    mean = (total[0] / total[1].clamp(min=1)).item()
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": int(total[1])}

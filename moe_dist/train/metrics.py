@@ -53,11 +53,23 @@ class MetricsLogger:
             self._bar().update(n)
 
     def eval(self, step: int, result: dict) -> None:
-        if self.enabled:
-            self.writer.add_scalar("eval/exact_match", result["accuracy"], step)
-            self.jsonl.write(json.dumps({"step": step, "eval_exact_match": result["accuracy"]}) + "\n")
-            self.jsonl.flush()
-            self.print(f"step {step}: exact match {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
+        """Held-out loss / perplexity and exact match, whichever `result` has (evaluate.py)."""
+        if not self.enabled:
+            return
+        row, shown = {"step": step}, []
+        if "loss" in result:
+            row.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"], eval_tokens=result["tokens"])
+            shown.append(f"eval loss {result['loss']:.4f} (perplexity {result['perplexity']:.3g}, "
+                         f"{result['tokens']} tokens)")
+        if "accuracy" in result:
+            row["eval_exact_match"] = result["accuracy"]
+            shown.append(f"exact match {result['accuracy']:.3f} ({result['correct']}/{result['total']})")
+        for key in ("eval_loss", "eval_perplexity", "eval_exact_match"):
+            if key in row:
+                self.writer.add_scalar(key.replace("eval_", "eval/"), row[key], step)
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        self.print(f"step {step}: {'; '.join(shown)}")
 
     def figure(self, tag: str, step: int, draw) -> None:
         """A matplotlib figure from `draw()` (called only on the writing rank) as a TensorBoard image."""

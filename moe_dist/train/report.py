@@ -41,9 +41,10 @@ def run_summary(tr, losses: list[float], times: list[float], tokens_per_step: in
         "skipped_steps": tr.guard.nonfinite_total, "activation_checkpointing": cfg.train.activation_checkpointing,
         "step_peak_memory_gib": peak if peak >= 0 else None,
         "frozen_bytes_per_rank": {k: int(global_max(v, tr.device)) for k, v in frozen_bytes(tr.model).items()},
-        "accuracy_before": before["accuracy"] if before else None,
-        "accuracy_after": after["accuracy"] if after else None,
-        "eval_samples": after["samples"] if after else [],
+        "accuracy_before": (before or {}).get("accuracy"), "accuracy_after": (after or {}).get("accuracy"),
+        "eval_loss_before": (before or {}).get("loss"), "eval_loss_after": (after or {}).get("loss"),
+        "eval_perplexity_after": (after or {}).get("perplexity"),
+        "eval_samples": (after or {}).get("samples", []),
         "checkpoint": None if final is None else str(final), "output_dir": cfg.output_dir,
     }
 
@@ -63,12 +64,16 @@ def adapter_flops_per_token(model: nn.Module, hf_config, share_LE: torch.Tensor,
 
 def format_summary(s: dict) -> str:
     acc = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    loss = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     return "\n".join(line for line in [
         "=" * 60,
         f"moe_dist {s['method']} on {s['model']}: world {s['world_size']}, EP {s['ep_size']}, {s['steps']} steps",
         f"  loss            {s['first_loss']:.4f} -> {s['final_loss']:.4f}" if s["final_loss"] is not None else "",
         f"  skipped steps   {s['skipped_steps']} (non-finite loss or gradient)" if s.get("skipped_steps") else "",
-        f"  exact match     {acc(s['accuracy_before'])} before -> {acc(s['accuracy_after'])} after",
+        f"  eval loss       {loss(s.get('eval_loss_before'))} before -> {loss(s.get('eval_loss_after'))} after "
+        f"(perplexity {s['eval_perplexity_after']:.3g})" if s.get("eval_loss_after") is not None else "",
+        f"  exact match     {acc(s['accuracy_before'])} before -> {acc(s['accuracy_after'])} after"
+        if s.get("accuracy_after") is not None or s.get("eval_loss_after") is None else "",
         f"  trainable       {s['trainable_params']:,} params, "
         f"{(s['adapter_flops_per_token'] or 0) / 1e6:.3f} MFLOP/token in adapters",
         f"  throughput      {s['tokens_per_sec'] or 0:.0f} tokens/s",

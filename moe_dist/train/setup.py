@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from moe_dist.adapters.lora import LoRAConfig
 from moe_dist.config import RunConfig
 from moe_dist.data.dataset import DataError, RowEncoder, encode_dataset, load_rows
+from moe_dist.data.packing import ShardedBatches, pack_examples, pad_examples
 from moe_dist.kernels.packed_attention import flatten_packed_rows, use_attention_kernel
 from moe_dist.kernels.rms_norm import use_norm_kernel
 from moe_dist.models.arch import is_moe
@@ -73,23 +75,74 @@ def resolve_data_source(source: str, model_dir: Path, cfg: RunConfig, role: str)
     return str(embedded_task_files(model_dir, EMBEDDED_TASKS[source])[role])
 
 
-def load_eval_set(cfg: RunConfig, tokenizer, model_dir: Path, log=print) -> tuple[list, list] | None:
-    """(prompt token ids, reference answers) of the held-out split, or None without one."""
+@dataclass
+class EvalSet:
+    """The held-out split as each metric needs it."""
+
+    source: str
+    metrics: tuple[str, ...]
+    loss_rows: list[dict] | None  # packed (or padded) exactly as training packs its rows
+    prompts: list[list[int]] | None  # exact match: prompt token ids and reference answers
+    references: list[str] | None
+
+
+def load_data(cfg: RunConfig, tokenizer, model_dir: Path, rank: int, world: int, log=print
+              ) -> tuple[ShardedBatches, EvalSet | None]:
+    """The training rows as this rank's micro-batches, and the held-out split."""
     d = cfg.data
-    if not d.eval:
-        return None
     encoder = RowEncoder(tokenizer, d.prompt_column, d.response_column, d.messages_column)
-    rows = load_rows(resolve_data_source(d.eval, model_dir, cfg, "test"), d.eval_split, d.subset, log)
+    rows, eval_rows = load_rows(resolve_data_source(d.train, model_dir, cfg, "train"), d.train_split, d.subset, log), None
+    if d.eval_fraction:  # a dataset without a test split: rows held out, never trained on
+        rows, eval_rows = held_out(rows, d.eval_fraction, cfg.seed)
+        log(f"data.eval_fraction={d.eval_fraction:g}: {len(eval_rows)} of {len(rows) + len(eval_rows)} rows of "
+            f"{d.train} held out for evaluation")
+    train, report = encode_dataset(rows, encoder, d.seq_len, d.train)
+    log(report.line())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = ShardedBatches(list(zip(train["input_ids"], train["labels"])), d.seq_len, cfg.train.micro_batch, rank,
+                             world, cfg.seed, d.packing, pad_id)
+    return batches, load_eval_set(cfg, tokenizer, model_dir, log, eval_rows)
+
+
+def held_out(rows, fraction: float, seed: int):
+    """(train rows, eval rows): `fraction` of a split held out, seeded, the same on every rank
+    (datasets' own train_test_split, in memory: no cache file for ranks to race on)."""
+    if len(rows) < 2:
+        raise DataError(f"data.eval_fraction={fraction}: {len(rows)} row cannot be split into train and eval")
+    parts = rows.train_test_split(test_size=fraction, seed=seed, keep_in_memory=True)
+    return parts["train"], parts["test"]
+
+
+def load_eval_set(cfg: RunConfig, tokenizer, model_dir: Path, log=print, rows=None) -> EvalSet | None:
+    """The held-out split (`rows` when held out of the training data, else `data.eval`'s
+    `data.eval_split`), encoded for each of `eval.metrics`; None without one."""
+    d = cfg.data
+    source = d.eval or (d.train if rows is not None else "")
+    if not source:
+        return None
+    metrics = cfg.eval.metric_list(source)
+    encoder = RowEncoder(tokenizer, d.prompt_column, d.response_column, d.messages_column)
+    if rows is None:
+        rows = load_rows(resolve_data_source(d.eval, model_dir, cfg, "test"), d.eval_split, d.subset, log)
     if cfg.eval.samples:
         rows = rows.select(range(min(cfg.eval.samples, len(rows))))
-    evals, report = encode_dataset(rows, encoder, d.seq_len, d.eval, for_generation=True)
-    log(report.line())
-    cut, longest = references_longer_than(tokenizer, evals["reference"], cfg.eval.max_new_tokens)
-    if cut:
-        log(f"WARNING: eval.max_new_tokens={cfg.eval.max_new_tokens} is shorter than {cut} of "
-            f"{len(evals['reference'])} references in {d.eval} (longest {longest} tokens): those can never match "
-            f"exactly; set eval.max_new_tokens={longest} or more")
-    return evals["prompt_ids"], evals["reference"]
+    loss_rows = prompts = references = None
+    if "loss" in metrics:
+        scored, report = encode_dataset(rows, encoder, d.seq_len, f"{source} (eval loss)")
+        log(report.line())
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        build = pack_examples if d.packing else pad_examples
+        loss_rows = build(list(zip(scored["input_ids"], scored["labels"])), d.seq_len, pad_id)
+    if "exact_match" in metrics:
+        evals, report = encode_dataset(rows, encoder, d.seq_len, source, for_generation=True)
+        log(report.line())
+        cut, longest = references_longer_than(tokenizer, evals["reference"], cfg.eval.max_new_tokens)
+        if cut:
+            log(f"WARNING: eval.max_new_tokens={cfg.eval.max_new_tokens} is shorter than {cut} of "
+                f"{len(evals['reference'])} references in {source} (longest {longest} tokens): those can never "
+                f"match exactly; set eval.max_new_tokens={longest} or more")
+        prompts, references = evals["prompt_ids"], evals["reference"]
+    return EvalSet(source, metrics, loss_rows, prompts, references)
 
 
 def references_longer_than(tokenizer, references: list[str], max_new_tokens: int) -> tuple[int, int]:

@@ -21,8 +21,6 @@ import torch
 import torch.distributed as dist
 
 from moe_dist.config import RunConfig
-from moe_dist.data.dataset import RowEncoder, encode_dataset, load_rows
-from moe_dist.data.packing import ShardedBatches
 from moe_dist.methods import Change, RunInfo, method_class
 from moe_dist.models.arch import shape_summary
 from moe_dist.models.convert import adapter_params
@@ -39,15 +37,14 @@ from moe_dist.routing import RoutingStats, collect_routing_stats, experts_module
 from moe_dist.train import checkpoint as ckpt
 from moe_dist.train import zero_state
 from moe_dist.train.engine import build_engine
-from moe_dist.train.evaluate import exact_match
+from moe_dist.train.evaluate import exact_match, token_loss
 from moe_dist.train.guard import Guard, arm_overflow_check, inject_nan
 from moe_dist.train.memory import StepMemory
 from moe_dist.train.metrics import MetricsLogger
 from moe_dist.train.rebalance import Rebalancer, expert_imbalance
 from moe_dist.train.report import format_summary, run_summary
 from moe_dist.train.resume import batch_layout, check_resume_config, scale_schedule, with_saved_global_batch
-from moe_dist.train.setup import (build_model, check_tokenizer, load_eval_set, profile_routing, resolve_data_source,
-                                  resolve_model_path)
+from moe_dist.train.setup import build_model, check_tokenizer, load_data, profile_routing, resolve_model_path
 from moe_dist.train.stop import Preempted, StopRequests
 from moe_dist.train.structure import Engine, change_structure, start_engine
 
@@ -170,16 +167,8 @@ class Trainer:
         return placements
 
     def _setup_data(self) -> None:
-        cfg, d = self.cfg, self.cfg.data
-        encoder = RowEncoder(self.tokenizer, d.prompt_column, d.response_column, d.messages_column)
-        source = resolve_data_source(d.train, self.model_dir, cfg, "train")
-        train, report = encode_dataset(load_rows(source, d.train_split, d.subset, self.log), encoder, d.seq_len, d.train)
-        self.log(report.line())
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        examples = list(zip(train["input_ids"], train["labels"]))
-        self.batches = ShardedBatches(examples, d.seq_len, cfg.train.micro_batch, self.rank, self.world, cfg.seed,
-                                      d.packing, pad_id)
-        self.eval_set = load_eval_set(cfg, self.tokenizer, self.model_dir, self.log)
+        self.batches, self.eval_set = load_data(self.cfg, self.tokenizer, self.model_dir, self.rank, self.world,
+                                                self.log)
 
     def count_trainable(self) -> int:
         """Collective: trainable parameters of the whole job, each EP shard counted once."""
@@ -191,11 +180,16 @@ class Trainer:
 
     # ---- pieces of a step -------------------------------------------------------------------
     def evaluate(self) -> dict | None:
-        if self.eval_set is None:
+        """Collective: the held-out split's token loss and / or exact match (eval.metrics)."""
+        e, module, result = self.eval_set, self.ds.engine.module, {}
+        if e is None:
             return None
-        prompts, refs = self.eval_set
-        return exact_match(self.ds.engine.module, self.tokenizer, prompts, refs, self.cfg.eval.max_new_tokens,
-                           self.cfg.eval.batch_size, self.device)
+        if e.loss_rows is not None:
+            result.update(token_loss(module, e.loss_rows, self.cfg.train.micro_batch, self.device))
+        if e.prompts is not None:
+            result.update(exact_match(module, self.tokenizer, e.prompts, e.references, self.cfg.eval.max_new_tokens,
+                                      self.cfg.eval.batch_size, self.device))
+        return result
 
     def train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss (this rank)."""
