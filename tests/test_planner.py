@@ -64,9 +64,11 @@ def test_every_real_model_recipe_plans_offline(recipe, monkeypatch):
     attention targets exist in that architecture (DeepSeek's MLA included)."""
     import yaml
 
+    from moe_dist.parallel.elastic import parse_ep_size
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = yaml.safe_load((ROOT / "launch/recipes" / recipe).read_text())
-    world = data.get("ep_size") or 8
+    world = parse_ep_size(data.get("ep_size", "auto"))[1] or 8  # the recipe's EP size (auto:N or N)
     out = _planner().main(["--recipe", str(ROOT / "launch/recipes" / recipe), "--world", str(world)])
     assert out["total_params"] > 1e9 and out["trainable_params_total"] > 0
     # real sequence lengths: every real-model recipe recomputes its layers, and is planned so
