@@ -35,7 +35,20 @@ def share_cores_between_local_ranks() -> None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, cores // local))
 
 
+def prefer_this_environments_tools() -> None:
+    """This Python's bin directory first on PATH, before torch loads: torch.utils.cpp_extension
+    runs `ninja` from PATH to build the compiled kernels (moe_dist's, DeepSpeed's shm op), and a
+    launcher that starts ranks through a login shell (pdsh over ssh) gives them the system PATH.
+    A system ninja of another version (1.11 beside the venv's 1.13 here) hashes the build
+    commands differently, so every switch between the two rebuilt both extensions from scratch:
+    ~70 s of a 2-core box, in 3 of the launch tests."""
+    bindir = str(Path(sys.executable).parent)
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bindir]
+    os.environ["PATH"] = os.pathsep.join([bindir, *parts])
+
+
 share_cores_between_local_ranks()
+prefer_this_environments_tools()
 
 from moe_dist.config import ConfigError, RunConfig, load_config  # noqa: E402
 
