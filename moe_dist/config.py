@@ -244,7 +244,7 @@ class KernelsSection:
 
 @dataclass
 class FaultsSection:
-    """What a run does when something goes wrong (README "Faults")."""
+    """What a run does when something goes wrong (docs/faults.md)."""
 
     # consecutive steps with a non-finite loss or gradient (each skipped) before the run stops (0: never)
     max_nonfinite_steps: int = 3
