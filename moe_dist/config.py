@@ -7,8 +7,6 @@ and are raised before any process group is created.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,8 @@ from moe_dist.methods import METHODS as _METHODS
 from moe_dist.methods import method_class, method_sections
 from moe_dist.parallel.elastic import check_global_batch, resolve_ep_size
 from moe_dist.plan import EXPERT_PROJECTIONS
-from moe_dist.validation import ConfigError, fraction, non_negative, one_of, positive
+from moe_dist.validation import (ConfigError, check_ds_config, check_writable, fraction, non_negative, one_of,
+                                 positive)
 
 __all__ = ["ConfigError", "RunConfig", "config_from_dict", "load_config"]
 
@@ -311,27 +310,6 @@ RunConfig = dataclasses.make_dataclass(
 RunConfig.__module__ = __name__
 RunConfig.__doc__ = """A run: CoreConfig's sections plus one per method (hellora, hellori, epng, dmep, ...)."""
 METHODS = tuple(_METHODS)
-
-
-def check_ds_config(path: str) -> None:
-    """Exists and is JSON (found before any model is built, not by DeepSpeed after)."""
-    if not Path(path).is_file():
-        raise ConfigError(f"ds_config: no such file {path!r}")
-    try:
-        json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"ds_config {path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
-
-
-def check_writable(output_dir: str) -> None:
-    """The directory exists and is writable, or can be created: checked without creating it."""
-    existing = Path(output_dir).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"output_dir {output_dir!r} is not writable: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir {output_dir!r} is not writable: no write permission on {existing}")
 
 
 def _coerce(value: Any, typ: type, key: str) -> Any:
