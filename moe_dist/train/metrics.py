@@ -128,9 +128,10 @@ class MetricsLogger:
         if "time" in before:
             scalars["recovery_s"] = round(time.time() - before["time"], 3)
         self.record(step, "resume", scalars)
-        self.print(f"resumed from step {from_step} at world {scalars.get('world')}: "
-                   f"{scalars['steps_redone']} steps redone, {scalars.get('recovery_s', float('nan')):.1f} s since "
-                   f"step {before.get('step', '-')} was logged")
+        since = (f", {scalars['recovery_s']:.1f} s after step {before['step']} was logged" if "recovery_s" in scalars
+                 else "")
+        self.print(f"resumed from step {from_step} at world {scalars.get('world')}: {scalars['steps_redone']} steps "
+                   f"redone{since}")
 
     def print(self, text: str) -> None:
         if self.enabled:
