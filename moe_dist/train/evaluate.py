@@ -115,7 +115,8 @@ def token_loss(model, rows: list[dict], micro_batch: int, device: torch.device) 
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = rows[rank::world]
-    batches = -(-(-(-len(rows) // world)) // micro_batch)
+    per_rank = -(-len(rows) // world)
+    batches = -(-per_rank // micro_batch)  # the same on every rank
     was_training = model.training
     model.eval()
     attn = model.config._attn_implementation
